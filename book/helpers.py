@@ -1,0 +1,128 @@
+"""Notebook conveniences: the model under study, tables, diffs, plots and `show_source`.
+
+Nothing here is part of minqwen; it only makes the chapters short. Settings come from the environment:
+
+- ``MINQWEN_MODEL``: any `minqwen.fetch` source (default ``embedded``);
+- ``MINQWEN_DEVICE``: ``cpu`` (default) or ``cuda``, falling back to the CPU when no GPU is present;
+- ``MINQWEN_DTYPE``: ``float32`` (default) or ``bfloat16``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import inspect
+import json
+import os
+import textwrap
+from pathlib import Path
+
+import matplotlib
+import pandas as pd
+import torch
+from IPython.display import Markdown, display
+
+import minqwen
+
+BOOK = Path(__file__).resolve().parent
+GOLDEN = BOOK / "data" / "golden"
+BENCH = BOOK / "data" / "bench"
+
+MODEL_SOURCE = os.environ.get("MINQWEN_MODEL", "embedded")
+DEVICE = os.environ.get("MINQWEN_DEVICE", "cpu")
+if DEVICE.startswith("cuda") and not torch.cuda.is_available():
+    DEVICE = "cpu"
+DTYPE = getattr(torch, os.environ.get("MINQWEN_DTYPE", "float32"))
+
+# Comparisons against HF must not silently drop to TF32 on a GPU.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+matplotlib.rcParams.update({"figure.dpi": 80, "savefig.dpi": 80, "figure.figsize": (7, 3.5)})
+pd.set_option("display.precision", 3)
+pd.set_option("display.width", 120)
+
+
+def tolerance(kind: str = "forward") -> float:
+    """Relative tolerance for a check, chosen by the working precision (GUIDE: notebooks, tolerances)."""
+    fp32 = {"elementwise": 1e-6, "forward": 1e-5}
+    return fp32[kind] if DTYPE == torch.float32 else 1e-2
+
+
+@functools.cache
+def model_path() -> Path:
+    return minqwen.fetch(MODEL_SOURCE)
+
+
+@functools.cache
+def hf_model():
+    """The HF reference model, loaded once per kernel."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_path(), dtype=DTYPE).to(DEVICE).eval()
+
+
+@functools.cache
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_path())
+
+
+def show_source(obj) -> None:
+    """Display the source of a minqwen function or class: the book shows the package, never a copy of it."""
+    source = textwrap.dedent(inspect.getsource(obj))
+    module = inspect.getmodule(obj).__name__
+    display(Markdown(f"`{module}.{obj.__qualname__}`\n\n```python\n{source}```"))
+
+
+def diff_stats(ours: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    """max |Δ|, max |Δ| / max |reference| and mean |Δ| between two tensors, computed in float64."""
+    ours, reference = ours.detach().double().cpu(), reference.detach().double().cpu()
+    if ours.shape != reference.shape:
+        raise ValueError(f"shapes differ: {tuple(ours.shape)} vs {tuple(reference.shape)}")
+    delta = (ours - reference).abs()
+    scale = reference.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
+    return {"max_abs": delta.max().item(), "max_rel": (delta.max() / scale).item(), "mean_abs": delta.mean().item()}
+
+
+def diff_table(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> pd.DataFrame:
+    """One row of `diff_stats` per named (ours, reference) pair, formatted for reading."""
+    frame = pd.DataFrame({name: diff_stats(a, b) for name, (a, b) in pairs.items()}).T
+    return frame.map(lambda x: f"{x:.2e}")
+
+
+def table(rows, **kwargs) -> pd.DataFrame:
+    return pd.DataFrame(rows, **kwargs)
+
+
+def golden_files() -> list[Path]:
+    return sorted(GOLDEN.glob("*.json"))
+
+
+def load_golden() -> list[dict]:
+    """The golden references recorded in chapter 1 by `pipeline()` on the embedded model."""
+    return [json.loads(path.read_text()) for path in golden_files()]
+
+
+def weights_id(path: Path | None = None) -> str:
+    """A short identity of a checkpoint's weights: the sha256 of its safetensors in the manifest."""
+    path = path or model_path()
+    manifest_file = path / minqwen.weights.MANIFEST
+    if not manifest_file.is_file():
+        return f"unverified:{path.name}"
+    manifest = minqwen.weights.read_manifest(path)
+    digests = "".join(d for name, d in sorted(manifest.items()) if name.endswith(".safetensors"))
+    return hashlib.sha256(digests.encode()).hexdigest()[:16]
+
+
+def golden_applies() -> bool:
+    """Golden files check only the model that recorded them; checks of minqwen against HF apply to any model."""
+    records = load_golden()
+    return bool(records) and all(r["weights_id"] == weights_id() for r in records)
+
+
+def stamp() -> str:
+    import transformers
+
+    device = torch.cuda.get_device_name() if DEVICE.startswith("cuda") else "cpu"
+    return f"device={device} dtype={str(DTYPE).removeprefix('torch.')} torch={torch.__version__} transformers={transformers.__version__}"

@@ -1,0 +1,153 @@
+"""Qwen2 from scratch: embedding, N decoder layers, final norm, LM head, and a loader with an explicit name map.
+
+No transformers code runs here. `Qwen2.from_pretrained(folder)` reads the safetensors of a Hugging Face checkpoint
+and fails on any missing, unexpected or mis-shaped tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from .config import ModelConfig
+from .layers import DecoderLayer, RMSNorm
+from .rope import rope_cos_sin, rope_inv_freq
+
+
+class LoadError(ValueError):
+    """The checkpoint's tensors do not match the model the config describes."""
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each token counting real tokens only, so left padding does not shift a prompt's positions."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.clamp_min(0)
+
+
+class Qwen2(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self._init_rope()
+
+    def _init_rope(self, device=None):
+        inv_freq, self.rope_scale = rope_inv_freq(self.config)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep: int = 0):
+        """Logits [batch, seq, vocab] (or the last `logits_to_keep` positions).
+
+        `attention_mask` [batch, past + seq] marks real tokens with 1 and padding with 0; positions default to
+        counting real tokens. With a `cache`, `input_ids` are the new tokens only and the cache supplies the past.
+        """
+        batch, seq = input_ids.shape
+        past = cache.length if cache is not None else 0
+        if position_ids is None:
+            if attention_mask is not None:
+                position_ids = positions_from_mask(attention_mask)[:, past : past + seq]
+            else:
+                position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.rope_scale, x.dtype)
+        mask = self.attention_mask(seq, past, attention_mask, x.device)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length = past + seq
+        x = self.norm(x)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+        return self.lm_head(x)
+
+    @staticmethod
+    def attention_mask(seq: int, past: int, attention_mask, device) -> torch.Tensor | None:
+        """Boolean [batch or 1, 1, seq, past + seq] mask: causal, minus padded keys. None when SDPA's causal fits."""
+        if attention_mask is None and (past == 0 or seq == 1):
+            return None
+        query = torch.arange(past, past + seq, device=device)[:, None]
+        key = torch.arange(past + seq, device=device)[None, :]
+        allowed = (key <= query)[None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, : past + seq].bool()
+            # A padding query would see no key at all; letting it see itself keeps softmax finite.
+            allowed = allowed | (key == query)
+        return allowed
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        path = Path(path)
+        config = ModelConfig.from_file(path)
+        with torch.device("meta"):
+            model = cls(config)
+        expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            expected.pop("lm_head.weight")
+        state = {}
+        for file in _safetensors_files(path):
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for hf_name in f.keys():
+                    name = hf_to_minqwen(hf_name)
+                    if config.tie_word_embeddings and name == "lm_head.weight":
+                        continue  # some tied checkpoints store the head anyway; the embedding is the truth
+                    state[name] = f.get_tensor(hf_name)
+        _check_state(state, expected, path)
+        state = {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
+        model.load_state_dict(state, strict=False, assign=True)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        model._init_rope(device)
+        return model.eval()
+
+
+def hf_to_minqwen(name: str) -> str:
+    """HF's `model.` prefix goes; the layer names inside stay as they are, so the map reads off at a glance."""
+    if name == "lm_head.weight":
+        return name
+    if name.startswith("model."):
+        return name.removeprefix("model.")
+    raise LoadError(f"unexpected tensor {name!r}: Qwen2 checkpoints name everything model.* or lm_head.weight")
+
+
+def minqwen_to_hf(name: str) -> str:
+    return name if name == "lm_head.weight" else f"model.{name}"
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [path / n for n in names]
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise LoadError(f"{path} holds no *.safetensors file; fetch the checkpoint with minqwen.fetch")
+    return files
+
+
+def _check_state(state: dict, expected: dict, path: Path) -> None:
+    missing = sorted(set(expected) - set(state), key=_natural)
+    unexpected = sorted(set(state) - set(expected), key=_natural)
+    wrong = [f"{n}: file {tuple(state[n].shape)} vs config {expected[n]}" for n in sorted(set(state) & set(expected), key=_natural) if tuple(state[n].shape) != expected[n]]  # fmt: skip
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}")
+    if unexpected:
+        problems.append(f"unexpected {len(unexpected)} tensor(s): {', '.join(unexpected[:5])}")
+    if wrong:
+        problems.append(f"{len(wrong)} shape mismatch(es): {'; '.join(wrong[:5])}")
+    if problems:
+        raise LoadError(f"{path} does not match its config.json: " + " | ".join(problems))
+
+
+def _natural(name: str):
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
