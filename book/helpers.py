@@ -15,7 +15,14 @@ import inspect
 import json
 import os
 import textwrap
+import warnings
 from pathlib import Path
+
+# tqdm.auto (imported by transformers and huggingface_hub) warns on stderr when ipywidgets is absent. Text
+# progress bars are what we want, so import it once, quietly, before anything else can.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import tqdm.auto  # noqa: F401
 
 import matplotlib
 import pandas as pd
@@ -55,10 +62,34 @@ def model_path() -> Path:
 
 @functools.cache
 def hf_model():
-    """The HF reference model, loaded once per kernel."""
+    """The HF reference model, loaded once per kernel; spread over every GPU when one cannot hold it."""
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_path(), dtype=DTYPE).to(DEVICE).eval()
+    path = model_path()
+    if DEVICE.startswith("cuda") and not fits_one_device(path, torch.cuda.get_device_properties(0).total_memory):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE, device_map="auto").eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE).to(DEVICE).eval()
+
+
+def fits_one_device(path: Path, device_bytes: int) -> bool:
+    """Chapter 0's size advice for the checkpoint at `path` in DTYPE: weights, a 4k KV cache and activations.
+
+    A checkpoint shaped like a released Qwen2.5 size uses that size's estimate; any other (a tiny test model) is
+    judged by its weights alone, scaled from the stored dtype to DTYPE.
+    """
+    from minqwen.hardware import DTYPE_BYTES, HEADROOM, memory_estimate
+    from minqwen.sizes import SIZES, qwen25_config
+
+    config = json.loads((path / "config.json").read_text())
+    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads", "vocab_size")
+    dtype = str(DTYPE).removeprefix("torch.")
+    size = next((s for s in SIZES if all(qwen25_config(s)[k] == config.get(k) for k in shape)), None)
+    if size is not None:
+        need = memory_estimate(size, dtype)["total"]
+    else:
+        stored = DTYPE_BYTES[config.get("torch_dtype") or config.get("dtype") or "float32"]
+        need = sum(f.stat().st_size for f in path.glob("*.safetensors")) * DTYPE_BYTES[dtype] // stored
+    return need <= HEADROOM * device_bytes
 
 
 @functools.cache
@@ -73,6 +104,19 @@ def show_source(obj) -> None:
     source = textwrap.dedent(inspect.getsource(obj))
     module = inspect.getmodule(obj).__name__
     display(Markdown(f"`{module}.{obj.__qualname__}`\n\n```python\n{source}```"))
+
+
+def show_figure(fig) -> None:
+    """Display `fig` as a PNG and close it: the same output under any backend (under Agg, plt.show() shows nothing)."""
+    import io
+
+    import matplotlib.pyplot as plt
+    from IPython.display import Image
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(fig)
+    display(Image(buffer.getvalue()))
 
 
 def diff_stats(ours: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:

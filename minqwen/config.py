@@ -38,6 +38,7 @@ class ModelConfig:
     rope_scaling: dict | None = None
     tie_word_embeddings: bool = False
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    pad_token_id: int | None = None
 
     @property
     def head_dim(self) -> int:
@@ -68,8 +69,20 @@ class ModelConfig:
             raise ConfigError(f"{source} sets hidden_act={raw['hidden_act']!r}; Qwen2's MLP is SwiGLU with silu")
         if raw["hidden_size"] % raw["num_attention_heads"] or raw["num_attention_heads"] % raw["num_key_value_heads"]:
             raise ConfigError(
-                f"{source}: hidden_size {raw['hidden_size']} must divide into num_attention_heads "
-                f"{raw['num_attention_heads']}, which must divide into num_key_value_heads {raw['num_key_value_heads']}"
+                f"{source}: hidden_size {raw['hidden_size']} must be a multiple of num_attention_heads "
+                f"{raw['num_attention_heads']}, and num_attention_heads a multiple of num_key_value_heads "
+                f"{raw['num_key_value_heads']}"
+            )
+        head_dim = raw["hidden_size"] // raw["num_attention_heads"]
+        if raw.get("head_dim") not in (None, head_dim):
+            raise ConfigError(
+                f"{source} sets head_dim={raw['head_dim']}, but minqwen derives head_dim as hidden_size / "
+                f"num_attention_heads = {head_dim}, as every Qwen2.5 model does"
+            )
+        windowed = sorted({kind for kind in raw.get("layer_types") or () if kind != "full_attention"})
+        if windowed:
+            raise ConfigError(
+                f"{source} lists layer_types {windowed}; minqwen implements full_attention layers only"
             )
         theta, scaling = _rope(raw, source)
         eos = raw.get("eos_token_id")
@@ -80,6 +93,7 @@ class ModelConfig:
             rope_scaling=scaling,
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             eos_token_ids=eos_ids,
+            pad_token_id=raw.get("pad_token_id"),
         )
 
     @classmethod
@@ -89,22 +103,43 @@ class ModelConfig:
             path = path / "config.json"
         if not path.is_file():
             raise ConfigError(f"{path} does not exist; pass a checkpoint folder that holds config.json")
-        return cls.from_dict(json.loads(path.read_text()), source=str(path))
+        raw = json.loads(path.read_text())
+        generation = path.with_name("generation_config.json")
+        if generation.is_file():
+            # As in transformers' generate(): generation_config.json decides which tokens end a reply and which
+            # token pads finished rows (Instruct models stop on <|im_end|> and <|endoftext|>).
+            defaults = json.loads(generation.read_text())
+            raw.update({k: defaults[k] for k in ("eos_token_id", "pad_token_id") if defaults.get(k) is not None})
+        return cls.from_dict(raw, source=str(path))
 
 
 def _rope(raw: dict, source: str) -> tuple[float, dict | None]:
-    """rope_theta and scaling from either layout: 4.x (rope_theta, rope_scaling) or 5.x (rope_parameters)."""
+    """rope_theta and scaling from either layout: 4.x (rope_theta, rope_scaling) or 5.x (rope_parameters).
+
+    For YaRN the pre-training context is resolved here, as transformers does: a top-level
+    `original_max_position_embeddings` wins, then the one in the scaling dict, then `max_position_embeddings`.
+    """
     parameters = dict(raw.get("rope_parameters") or {})
     scaling = dict(raw.get("rope_scaling") or {})
-    merged = {**parameters, **scaling}
-    theta = merged.pop("rope_theta", raw.get("rope_theta", 1_000_000.0))
-    rope_type = merged.pop("rope_type", merged.pop("type", "default"))
+    theta = scaling.get("rope_theta", parameters.get("rope_theta", raw.get("rope_theta")))
+    if theta is None:
+        # transformers would fall back to 1e4 here, Qwen2.5 was trained with 1e6: neither guess is safe
+        raise ConfigError(f"{source} sets no rope_theta (top level or in rope_parameters); Qwen2.5 uses 1000000.0")
+    # A legacy rope_scaling replaces rope_parameters' scaling, as in transformers; only rope_theta carries over.
+    merged = {key: value for key, value in (scaling or parameters).items() if key not in ("rope_theta", "type")}
+    rope_type = merged.pop("rope_type", (scaling or parameters).get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
             f"{source} asks for rope type {rope_type!r}; minqwen supports {', '.join(SUPPORTED_ROPE_TYPES)}"
         )
     if rope_type == "default":
         return float(theta), None
-    if "factor" not in merged:
-        raise ConfigError(f"{source}: rope type {rope_type!r} needs a 'factor' in rope_scaling")
+    merged["original_max_position_embeddings"] = raw.get(
+        "original_max_position_embeddings",
+        merged.get("original_max_position_embeddings") or raw["max_position_embeddings"],
+    )
+    if merged.get("factor") is None:
+        merged["factor"] = raw["max_position_embeddings"] / merged["original_max_position_embeddings"]
+    if merged["factor"] < 1:
+        raise ConfigError(f"{source}: YaRN factor {merged['factor']} is below 1; YaRN only stretches the context")
     return float(theta), {"rope_type": rope_type, **merged}

@@ -45,6 +45,12 @@ class Qwen2(nn.Module):
         inv_freq, self.rope_scale = rope_inv_freq(self.config)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
 
+    def _apply(self, fn, recurse=True):
+        # .to(bfloat16) would round the RoPE frequencies along with the weights; they are recomputed in float32
+        super()._apply(fn, recurse)
+        self._init_rope(self.embed_tokens.weight.device)
+        return self
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep: int = 0):
         """Logits [batch, seq, vocab] (or the last `logits_to_keep` positions).
 

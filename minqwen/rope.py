@@ -18,26 +18,47 @@ def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
 def yarn_inv_freq(head_dim: int, theta: float, scaling: dict, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
     """YaRN: interpolate the slow channels by `factor`, keep the fast ones, blend linearly in between.
 
-    Returns the frequencies and the attention scale ("mscale") that multiplies cos and sin.
+    `scaling` holds `factor` and `original_max_position_embeddings` (the pre-training context), and optionally
+    `beta_fast`/`beta_slow` (the rotation counts that bound the blend), `truncate` (round the bounds to whole
+    channels, the default), and `attention_factor` or `mscale`/`mscale_all_dim`. A missing `factor` is the ratio of
+    the extended context to the original one. Returns the frequencies and the attention scale ("mscale") that
+    multiplies cos and sin.
     """
-    factor = scaling["factor"]
     original = scaling.get("original_max_position_embeddings") or max_position_embeddings
+    factor = scaling.get("factor") or max_position_embeddings / original
     beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
 
     def channel_of(rotations: float) -> float:
-        # the channel index whose wavelength fits `rotations` full turns into the original context
+        # the channel pair whose wavelength fits `rotations` full turns into the original context
         return head_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
-    low = max(math.floor(channel_of(beta_fast)), 0)
-    high = min(math.ceil(channel_of(beta_slow)), head_dim - 1)
+    low, high = channel_of(beta_fast), channel_of(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
     if low == high:
-        high += 0.001
+        high += 0.001  # a one-channel ramp would divide by zero
     ramp = ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
-    extrapolation = default_inv_freq(head_dim, theta)
-    interpolation = extrapolation / factor
-    inv_freq = interpolation * ramp + extrapolation * (1 - ramp)
-    attention_factor = scaling.get("attention_factor") or (0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0)
-    return inv_freq, float(attention_factor)
+    wavelength_scale = theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    extrapolation, interpolation = 1.0 / wavelength_scale, 1.0 / (factor * wavelength_scale)
+    # `kept` is the share of its original frequency a channel keeps: 1 for the fast ones, 0 for the slow ones.
+    # Written as 1 - ramp, then 1 - kept, so the float32 rounding matches transformers' bit for bit.
+    kept = 1 - ramp
+    inv_freq = interpolation * (1 - kept) + extrapolation * kept
+    return inv_freq, _yarn_attention_factor(scaling, factor)
+
+
+def _yarn_attention_factor(scaling: dict, factor: float) -> float:
+    """How much YaRN scales cos and sin: 0.1 ln(factor) + 1 by default (the paper's fit), 1 when not stretching."""
+    if scaling.get("attention_factor") is not None:
+        return float(scaling["attention_factor"])
+
+    def mscale(weight: float = 1.0) -> float:
+        return 1.0 if factor <= 1 else 0.1 * weight * math.log(factor) + 1.0
+
+    if scaling.get("mscale") and scaling.get("mscale_all_dim"):
+        return float(mscale(scaling["mscale"]) / mscale(scaling["mscale_all_dim"]))
+    return mscale()
 
 
 def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:

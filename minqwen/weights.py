@@ -27,7 +27,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 from .sizes import INSTRUCT_GENERATION_CONFIG, check_size, qwen25_config
 
@@ -194,6 +194,8 @@ def _atomic_folder(final: Path):
     try:
         yield tmp
         write_manifest(tmp)
+        for file in tmp.iterdir():
+            file.chmod(0o644)  # some writers create files readable by their owner only
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

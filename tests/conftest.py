@@ -64,3 +64,17 @@ def embedded_tokenizer(embedded_path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(embedded_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint_with_tokenizer(tmp_path_factory):
+    """A tiny random model with Qwen2.5's real vocabulary, tokenizer and end tokens, for text-level tests."""
+    import shutil
+
+    folder = make_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny-vocab"), vocab_size=151936, bos_token_id=151643, eos_token_id=151645,
+        pad_token_id=151643,
+    )  # fmt: skip
+    for file in minqwen.weights.ASSETS.iterdir():
+        shutil.copy(file, folder / file.name)
+    return folder

@@ -20,7 +20,7 @@ def test_there_are_notebooks():
 @pytest.mark.parametrize("source", NOTEBOOKS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_ipynb_matches_py(source):
     paired = source.with_suffix(".ipynb")
-    assert paired.is_file(), f"{paired} is missing: run `make execute` (or jupytext --to ipynb --update --execute {source})"
+    assert paired.is_file(), f"{paired} is missing: run `make execute` (or jupytext --to ipynb --execute {source})"
     expected = _cells(jupytext.read(source))
     actual = _cells(nbformat.read(paired, as_version=4))
     assert actual == expected, f"{paired} is out of date with {source}: re-execute it with `make execute`"

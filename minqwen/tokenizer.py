@@ -1,0 +1,371 @@
+"""Qwen2.5's tokenizer from scratch: byte-level BPE read from tokenizer.json, and the ChatML chat template.
+
+Encoding a string takes four steps, the same four that Hugging Face's `Qwen2Tokenizer` runs:
+
+1. **split out the added tokens** (``<|im_start|>``, ``<|endoftext|>``, ...), which map straight to their ids;
+2. **normalize** each remaining piece to Unicode NFC;
+3. **pre-tokenize**: cut the piece into words with the Qwen2 regex (digits one by one, letters with at most one
+   leading non-letter, punctuation runs, whitespace runs), then spell each word's UTF-8 bytes as printable
+   characters with the GPT-2 byte-to-unicode table;
+4. **BPE**: start from one symbol per byte and repeatedly merge the adjacent pair with the lowest merge rank.
+
+Decoding reverses the byte spelling. `render_chat` writes the ChatML prompt that the model was trained on, without
+jinja.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import regex
+
+DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+CHAT_ROLES = ("system", "user", "assistant", "tool")
+_WORD_CACHE_LIMIT = 1 << 18
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's table giving each of the 256 bytes a printable character.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, soft hyphen, ...) are moved to
+    U+0100 onward in byte order, so a space is spelled ``Ġ`` (U+0120) and a newline ``Ċ`` (U+010A). Every token
+    in the vocabulary is a string over these 256 characters.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table = {byte: chr(byte) for byte in printable}
+    shifted = 0
+    for byte in range(256):
+        if byte not in table:
+            table[byte] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+@dataclass(frozen=True)
+class AddedToken:
+    content: str
+    id: int
+    special: bool
+
+
+class BPETokenizer:
+    """Byte-level BPE with Qwen2's pre-tokenizer regex, built from a tokenizer.json.
+
+    ``normalization`` is ``"NFC"`` or ``None``. transformers' `Qwen2Tokenizer` always normalizes to NFC, whatever
+    the file says, so NFC (the default) reproduces `AutoTokenizer`; ``None`` reproduces the file as the
+    ``tokenizers`` library reads it, which for a tokenizer rebuilt from a GGUF has no normalizer.
+    """
+
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: list[tuple[str, str]],
+        pattern: str,
+        added_tokens: list[AddedToken],
+        normalization: str | None = "NFC",
+    ):
+        if normalization not in ("NFC", None):
+            raise ValueError(f"normalization must be 'NFC' or None, not {normalization!r}")
+        self.vocab = vocab
+        self.id_to_token = {i: token for token, i in vocab.items()}
+        self.merge_ranks = {pair: rank for rank, pair in enumerate(merges)}
+        self.pattern = regex.compile(pattern)
+        self.added_tokens = {t.content: t for t in added_tokens}
+        self.added_by_id = {t.id: t for t in added_tokens}
+        # Longest first, so that a token that is a prefix of another never wins the match.
+        alternatives = sorted(self.added_tokens, key=len, reverse=True)
+        self.added_pattern = regex.compile("|".join(map(regex.escape, alternatives))) if alternatives else None
+        self.normalization = normalization
+        self.byte_to_char = bytes_to_unicode()
+        self.char_to_byte = {char: byte for byte, char in self.byte_to_char.items()}
+        self.size = max([*self.id_to_token, *self.added_by_id]) + 1
+        self._word_cache: dict[str, list[int]] = {}
+
+    @classmethod
+    def from_file(cls, path: str | Path, normalization: str | None = "NFC") -> BPETokenizer:
+        """Read a byte-level BPE tokenizer.json (or a folder holding one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise ValueError(f"no tokenizer.json at {path}; pass a checkpoint folder or the file itself")
+        spec = json.loads(path.read_text(encoding="utf-8"))
+        model = spec.get("model", {})
+        if model.get("type") != "BPE":
+            raise ValueError(f"{path} holds a {model.get('type')!r} model; only byte-level BPE is supported")
+        pattern = _split_pattern(spec.get("pre_tokenizer"))
+        if pattern is None:
+            raise ValueError(f"{path} has no Split(regex) + ByteLevel pre-tokenizer; it is not a Qwen2-style file")
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+        added = [AddedToken(t["content"], t["id"], t["special"]) for t in spec.get("added_tokens", [])]
+        return cls(model["vocab"], merges, pattern, added, normalization)
+
+    def __len__(self) -> int:
+        return self.size
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``. Added tokens written in the text (``<|im_start|>``...) become their ids."""
+        if not isinstance(text, str):
+            raise ValueError(f"encode takes a str, not {type(text).__name__}")
+        ids: list[int] = []
+        for piece, added in self._split_added(text):
+            if added is not None:
+                ids.append(added.id)
+            else:
+                ids.extend(self._encode_ordinary(piece))
+        return ids
+
+    def pre_tokenize(self, text: str) -> list[str]:
+        """The words BPE sees, spelled in the byte-level alphabet (no added-token handling)."""
+        if self.normalization:
+            text = unicodedata.normalize(self.normalization, text)
+        return ["".join(self.byte_to_char[b] for b in word.encode("utf-8")) for word in self.pattern.findall(text)]
+
+    def bpe(self, word: str) -> list[str]:
+        """Merge one byte-level word: always the adjacent pair of lowest rank, every occurrence left to right."""
+        symbols = list(word)
+        while len(symbols) > 1:
+            ranked = [(self.merge_ranks.get(pair, -1), pair) for pair in zip(symbols, symbols[1:])]
+            candidates = [(rank, pair) for rank, pair in ranked if rank >= 0]
+            if not candidates:
+                break
+            _, (left, right) = min(candidates)
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and symbols[i] == left and symbols[i + 1] == right:
+                    merged.append(left + right)
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        return symbols
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``. Byte sequences that are not valid UTF-8 (a token cut inside a character) become U+FFFD."""
+        out, pending = [], bytearray()
+        for i in ids:
+            if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < self.size:
+                raise ValueError(f"token id {i!r} is not an int in [0, {self.size})")
+            added = self.added_by_id.get(i)
+            if added is None:
+                pending.extend(self.char_to_byte[char] for char in self.id_to_token[i])
+                continue
+            out.append(pending.decode("utf-8", errors="replace"))
+            pending.clear()
+            if not (skip_special_tokens and added.special):
+                out.append(added.content)
+        out.append(pending.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def tokens(self, ids: list[int]) -> list[str]:
+        """The vocabulary strings of ``ids``, in the byte-level alphabet."""
+        return [self.added_by_id[i].content if i in self.added_by_id else self.id_to_token[i] for i in ids]
+
+    def _split_added(self, text: str):
+        """Yield (text, None) for ordinary stretches and (content, AddedToken) for each added token."""
+        start = 0
+        if self.added_pattern is not None:
+            for match in self.added_pattern.finditer(text):
+                if match.start() > start:
+                    yield text[start : match.start()], None
+                yield match.group(), self.added_tokens[match.group()]
+                start = match.end()
+        if start < len(text):
+            yield text[start:], None
+
+    def _encode_ordinary(self, text: str) -> list[int]:
+        ids = []
+        for word in self.pre_tokenize(text):
+            cached = self._word_cache.get(word)
+            if cached is None:
+                cached = [self.vocab[symbol] for symbol in self.bpe(word)]
+                if len(self._word_cache) >= _WORD_CACHE_LIMIT:
+                    self._word_cache.clear()
+                self._word_cache[word] = cached
+            ids.extend(cached)
+        return ids
+
+
+def _split_pattern(pre_tokenizer: dict | None) -> str | None:
+    """The regex of a Sequence[Split(Regex, isolated), ByteLevel(use_regex=False)] pre-tokenizer, else None."""
+    if not pre_tokenizer or pre_tokenizer.get("type") != "Sequence":
+        return None
+    steps = pre_tokenizer.get("pretokenizers", [])
+    if [s.get("type") for s in steps] != ["Split", "ByteLevel"]:
+        return None
+    split, byte_level = steps
+    if split.get("behavior") != "Isolated" or split.get("invert") or "Regex" not in split.get("pattern", {}):
+        return None
+    if byte_level.get("use_regex") or byte_level.get("add_prefix_space"):
+        return None
+    return split["pattern"]["Regex"]
+
+
+def render_chat(messages: list[dict], add_generation_prompt: bool = False) -> str:
+    """The ChatML prompt for ``messages``, written out by hand (Qwen2.5's template without tool definitions).
+
+    Each message becomes ``<|im_start|>{role}\\n{content}<|im_end|>\\n``. A conversation that does not open with a
+    system message gets Qwen's default one. Consecutive ``tool`` messages share one user turn, each wrapped in
+    ``<tool_response>``. ``add_generation_prompt`` appends the opening of the assistant's turn.
+    """
+    _check_messages(messages)
+    if messages[0]["role"] == "system":
+        parts = [f"<|im_start|>system\n{messages[0]['content']}<|im_end|>\n"]
+        rest = messages[1:]
+    else:
+        parts = [f"<|im_start|>system\n{DEFAULT_SYSTEM_PROMPT}<|im_end|>\n"]
+        rest = messages
+    previous_role = None
+    for index, message in enumerate(rest):
+        role, content = message["role"], message["content"]
+        if role != "tool":
+            parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
+        else:
+            if previous_role != "tool":
+                parts.append("<|im_start|>user")
+            parts.append(f"\n<tool_response>\n{content}\n</tool_response>")
+            if index + 1 == len(rest) or rest[index + 1]["role"] != "tool":
+                parts.append("<|im_end|>\n")
+        previous_role = role
+    if add_generation_prompt:
+        parts.append("<|im_start|>assistant\n")
+    return "".join(parts)
+
+
+def _check_messages(messages) -> None:
+    if not isinstance(messages, (list, tuple)) or not messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"message {index} is a {type(message).__name__}, not a dict with 'role' and 'content'")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"message {index} has role {role!r}; use one of {', '.join(CHAT_ROLES)}")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"message {index} ({role}) needs a str 'content', got {message.get('content')!r}")
+        extra = set(message) - {"role", "content"}
+        if extra:
+            raise ValueError(
+                f"message {index} has keys {sorted(extra)} that render_chat does not handle (tool calls and such); "
+                "use the HF tokenizer's apply_chat_template for those"
+            )
+
+
+# A corpus for checking an encoder against a reference. Every string comes from a seeded generator, so the corpus
+# is the same on every machine with the same pinned packages (the code snippets are read from their sources).
+_CODE_MODULES = ("regex._regex_core", "tqdm.std", "safetensors.torch")
+_CHINESE = (
+    "我们今天学习如何从零开始实现一个语言模型。",
+    "分词器把文本切成词元，模型只认识词元的编号。",
+    "北京的秋天天气晴朗，适合出去走走。",
+    "这段代码的时间复杂度是多少？",
+    "请用简体中文回答下面的问题：什么是注意力机制？",
+    "人工智能正在改变软件开发的方式。",
+    "他说：“明天见！”然后就走了。",
+    "《红楼梦》是中国古典小说的巅峰之作。",
+    "数据一共有一千二百三十四条，其中百分之五是噪声。",
+    "通义千问是阿里云研发的大语言模型。",
+    "鹦鹉、麒麟、饕餮和魑魅魍魉都是不常见的字。",
+    "我爱吃饺子，也爱吃面条。",
+)
+_ENGLISH = (
+    "The quick brown fox jumps over the lazy dog.",
+    "It's a tokenizer; they'll see what we've done, and I'd say you're right.",
+    "DON'T PANIC. SHE'S HERE AND WE'RE READY, AREN'T WE?",
+    "Byte-level BPE never needs an <unk> token: every byte has one.",
+    "e.g. Mr. Smith paid $1,234.56 on 2024-03-15 at 09:30 a.m.",
+    "Supercalifragilisticexpialidocious antidisestablishmentarianism",
+    "naïve café résumé coöperate façade jalapeño Zürich",
+    "Email me at first.last+tag@example.co.uk or visit https://example.org/a?b=c&d=e#f",
+)
+_EMOJI = (
+    "😀", "😂", "🥲", "👍", "👍🏽", "👨‍👩‍👧‍👦", "🧑🏿‍💻", "🏳️‍🌈", "🇨🇳", "🇺🇸", "🇯🇵", "1️⃣", "#️⃣", "❤️", "✨",
+    "🚀", "🐍", "🦀", "🤖", "🍜", "🀄", "☕", "⚡", "🫠", "🧪",
+)  # fmt: skip
+_SPACES = (
+    " ", "  ", "\t", "\n", "\r\n", "\r", "\n\n", "    ", "\u3000", "\xa0", "\x0b", "\x0c", "\u2028", "\x85", "\u200b",
+)  # fmt: skip
+_NUMERALS = ("０１２３", "٣٤٥", "²³", "½", "Ⅻ", "一二三", "१२३", "①②")
+# Code point ranges fully assigned for decades, so that Unicode-table versions cannot make the check flaky.
+_UNICODE_RANGES = (
+    (0x00A1, 0x00FF), (0x0100, 0x017F), (0x0300, 0x036F), (0x0391, 0x03A1), (0x03A3, 0x03C9), (0x0400, 0x04FF),
+    (0x05D0, 0x05EA), (0x0621, 0x063A), (0x0641, 0x064A), (0x0905, 0x0939), (0x0E01, 0x0E3A), (0x2010, 0x2027),
+    (0x2190, 0x21FF), (0x2200, 0x22FF), (0x2500, 0x257F), (0x3041, 0x3096), (0x30A1, 0x30FA), (0x4E00, 0x9FA5),
+    (0xAC00, 0xD7A3), (0x1F300, 0x1F5FF), (0x1F600, 0x1F64F),
+)  # fmt: skip
+
+
+def sample_corpus(count: int, seed: int = 0) -> list[tuple[str, str]]:
+    """``count`` (category, text) pairs, cycling through code, Chinese, English, emoji, random Unicode, whitespace
+    runs, numbers and mixtures of all of these (with added tokens and NFD-decomposed text among them)."""
+    import importlib.util
+
+    if count < 1:
+        raise ValueError(f"count must be at least 1, got {count}")
+    rng = random.Random(seed)
+    code_lines = []
+    for name in _CODE_MODULES:
+        code_lines.extend(Path(importlib.util.find_spec(name).origin).read_text(encoding="utf-8").splitlines(True))
+    chinese_chars = "".join(_CHINESE)
+    added = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool_call>", "<|fim_middle|>")
+
+    def code():
+        start = rng.randrange(len(code_lines))
+        return "".join(code_lines[start : start + rng.randint(1, 12)])
+
+    def chinese():
+        if rng.random() < 0.5:
+            return "".join(rng.choices(_CHINESE, k=rng.randint(1, 3)))
+        return "".join(rng.choices(chinese_chars, k=rng.randint(1, 40)))
+
+    def english():
+        words = " ".join(rng.choices(_ENGLISH, k=rng.randint(1, 2))).split(" ")
+        start = rng.randrange(len(words))
+        return " ".join(words[start : start + rng.randint(1, 25)])
+
+    def emoji():
+        return "".join(rng.choice(_EMOJI) + rng.choice(("", "", " ", "ok", "\n")) for _ in range(rng.randint(1, 8)))
+
+    def random_unicode():
+        chars = []
+        for _ in range(rng.randint(1, 30)):
+            low, high = rng.choice(_UNICODE_RANGES)
+            chars.append(chr(rng.randint(low, high)) if rng.random() < 0.8 else rng.choice(" a1.,\n"))
+        return "".join(chars)
+
+    def whitespace():
+        pieces = []
+        for _ in range(rng.randint(1, 12)):
+            if rng.random() < 0.6:
+                pieces.append(rng.choice(_SPACES) * rng.randint(1, 4))
+            else:
+                pieces.append(rng.choice(("x", "if", "1", "中", "!", "é")))
+        return "".join(pieces)
+
+    def numbers():
+        forms = (
+            lambda: str(rng.randint(-(10**12), 10**12)),
+            lambda: f"{rng.uniform(-1e4, 1e4):.{rng.randint(0, 8)}f}",
+            lambda: f"{rng.randint(0, 10**9):,}",
+            lambda: f"{rng.uniform(0, 1):.3e}",
+            lambda: f"0x{rng.getrandbits(32):08x}",
+            lambda: rng.choice(_NUMERALS),
+            lambda: f"v{rng.randint(0, 20)}.{rng.randint(0, 99)}.{rng.randint(0, 999)}",
+        )
+        return rng.choice(("", " ", ", ", "=")).join(rng.choice(forms)() for _ in range(rng.randint(1, 6)))
+
+    def mixed():
+        parts = [rng.choice(generators[:-1])() for _ in range(rng.randint(2, 4))]
+        if rng.random() < 0.4:
+            parts.insert(rng.randrange(len(parts) + 1), rng.choice(added))
+        text = rng.choice(("", " ", "\n")).join(parts)
+        return unicodedata.normalize("NFD", text) if rng.random() < 0.2 else text
+
+    generators = (code, chinese, english, emoji, random_unicode, whitespace, numbers, mixed)
+    chosen = [generators[i % len(generators)] for i in range(count)]
+    return [(generate.__name__, generate()) for generate in chosen]

@@ -1,0 +1,126 @@
+"""`random:<size>`: the real Qwen2.5 config of a size with random bf16 weights, for GPU smoke runs and benchmarks.
+
+0.5B is written and loaded for real (about 1 GB); every size, 72B included, is checked without writing: its
+config loads in HF and minqwen, the tensors the writer would produce are exactly those HF's model has, and the
+checkpoint's bytes are the weights of chapter 0's memory estimate.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+import helpers
+import minqwen
+from minqwen.config import ModelConfig
+from minqwen.hardware import memory_estimate
+from minqwen.model import hf_to_minqwen
+from minqwen.sizes import SIZES, parameter_count, qwen25_config
+from minqwen.weights import _hf_shapes
+
+GIB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def random_05b(tmp_path_factory):
+    """random:0.5B written by `fetch` into an empty cache, so the writer runs every time."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MINQWEN_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield minqwen.fetch("random:0.5B")
+
+
+def test_random_05b_is_a_verified_sharded_checkpoint(random_05b):
+    assert random_05b.name == "random-Qwen2.5-0.5B-Instruct"
+    assert minqwen.fetch(str(random_05b)) == random_05b  # every file matches SHA256SUMS
+    index = json.loads((random_05b / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(_hf_shapes(qwen25_config("0.5B")))
+    assert index["metadata"]["total_size"] == memory_estimate("0.5B", "bfloat16")["weights"]
+    for shard in set(index["weight_map"].values()):
+        with safe_open(random_05b / shard, framework="pt") as f:
+            assert {f.get_slice(name).get_dtype() for name in f.keys()} == {"BF16"}
+
+
+def test_random_05b_config_round_trips(random_05b):
+    written = json.loads((random_05b / "config.json").read_text())
+    assert written == json.loads(json.dumps(qwen25_config("0.5B")))
+    hf = AutoConfig.from_pretrained(random_05b)
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "vocab_size", "tie_word_embeddings", "max_position_embeddings",
+                "rms_norm_eps", "bos_token_id", "eos_token_id"):  # fmt: skip
+        assert getattr(hf, key) == written[key], key
+    assert hf.rope_parameters["rope_theta"] == written["rope_theta"] == 1e6
+    ours = ModelConfig.from_file(random_05b)
+    assert (ours.hidden_size, ours.num_hidden_layers, ours.head_dim, ours.kv_groups) == (896, 24, 64, 7)
+    assert ours.tie_word_embeddings and ours.rope_theta == 1e6
+
+
+def test_random_05b_carries_the_real_tokenizer(random_05b):
+    tokenizer = AutoTokenizer.from_pretrained(random_05b)
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False)
+    assert prompt.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
+    assert tokenizer.decode(tokenizer("你好")["input_ids"]) == "你好"
+
+
+def test_random_05b_hf_and_minqwen_agree_in_float32(random_05b):
+    """Both load the bf16 file upcast to float32 and give the same shapes and the same logits."""
+    hf = AutoModelForCausalLM.from_pretrained(random_05b, dtype=torch.float32).eval()
+    ours = minqwen.Qwen2.from_pretrained(random_05b, dtype=torch.float32)
+    hf_state = dict(hf.named_parameters())
+    ours_state = dict(ours.named_parameters())
+    assert {hf_to_minqwen(name): tuple(p.shape) for name, p in hf_state.items()} == {
+        name: tuple(p.shape) for name, p in ours_state.items()
+    }
+    assert torch.equal(hf_state["model.embed_tokens.weight"], ours_state["embed_tokens.weight"])
+    input_ids = torch.tensor([[151644, 872, 198, 108386, 151645, 198, 151644, 77091, 198]])
+    with torch.no_grad():
+        expected = hf(input_ids).logits
+        actual = ours(input_ids)
+    relative = ((actual - expected).abs().max() / expected.abs().max()).item()
+    assert relative <= 1e-5, f"max |Δlogits| / max |logits| = {relative:.2e}"
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_every_size_writes_the_tensors_hf_expects(size):
+    """The writer's tensor list equals the parameters of HF's model built (on the meta device) from the config."""
+    config = qwen25_config(size)
+    with torch.device("meta"):
+        hf = Qwen2ForCausalLM(Qwen2Config(**config))
+    assert {name: tuple(p.shape) for name, p in hf.named_parameters()} == _hf_shapes(config)
+    ModelConfig.from_dict(config, source=f"random:{size}")
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_every_size_checkpoint_bytes_are_the_estimated_weights(size):
+    checkpoint_bytes = sum(torch.Size(shape).numel() * 2 for shape in _hf_shapes(qwen25_config(size)).values())
+    estimate = memory_estimate(size, "bfloat16")
+    assert checkpoint_bytes == estimate["weights"] == parameter_count(size) * 2
+    assert estimate["total"] > estimate["weights"] + estimate["kv_cache"]
+
+
+def test_72b_estimate_needs_more_than_one_80gb_card():
+    estimate = memory_estimate("72B", "bfloat16")
+    assert round(estimate["weights"] / 1e9) == 145
+    assert estimate["total"] > 80 * GIB
+
+
+@pytest.mark.parametrize(
+    "size, fits",
+    [("0.5B", True), ("7B", True), ("32B", True), ("72B", False)],
+)
+def test_hf_reference_spreads_over_devices_only_when_one_80gb_card_cannot_hold_it(tmp_path, monkeypatch, size, fits):
+    """helpers.hf_model() loads with device_map="auto" exactly when chapter 0's advice says one card is too small."""
+    monkeypatch.setattr(helpers, "DTYPE", torch.bfloat16)
+    (tmp_path / "config.json").write_text(json.dumps(qwen25_config(size)))
+    assert helpers.fits_one_device(tmp_path, 80 * GIB) is fits
+
+
+def test_a_model_of_no_released_shape_is_judged_by_its_weights(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(helpers, "DTYPE", torch.float32)
+    weight_bytes = sum(f.stat().st_size for f in tiny_checkpoint.glob("*.safetensors"))
+    assert helpers.fits_one_device(tiny_checkpoint, weight_bytes * 2)
+    assert not helpers.fits_one_device(tiny_checkpoint, weight_bytes // 2)

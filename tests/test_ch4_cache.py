@@ -1,0 +1,150 @@
+"""Chapter 4: the KV cache. Cached logits equal uncached ones, and cached, uncached and HF generate() agree."""
+
+import pytest
+import torch
+from conftest import make_tiny_checkpoint
+from transformers import Qwen2ForCausalLM
+
+import minqwen
+from minqwen import DynamicKVCache, StaticKVCache
+from minqwen.generate import generate
+
+# Shapes beyond the book's: multi-query attention, tied head, many groups, a long-context rope base.
+VARIANTS = {
+    "gqa": {},
+    "mqa_tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
+    "mha_3_layers": dict(num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=3),
+    "8_groups_theta_1e6": dict(num_attention_heads=8, num_key_value_heads=1, hidden_size=128, rope_theta=1e6),
+}
+PROMPTS = [[5, 17, 99, 3, 42, 8, 11], [100], list(range(3, 60))]
+SAMPLING = [
+    dict(do_sample=False),
+    dict(do_sample=True, seed=7, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05),
+    dict(do_sample=True, seed=1, temperature=1.5, min_p=0.05),
+]
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def pair(request, tmp_path_factory):
+    folder = make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), seed=1, **VARIANTS[request.param])
+    hf = Qwen2ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return minqwen.Qwen2.from_pretrained(folder), hf
+
+
+def hf_generate(hf, ids, max_new_tokens, settings, attention_mask=None):
+    """transformers' generate() with every setting spelled out, so the checkpoint's generation_config adds nothing."""
+    options = dict(do_sample=settings["do_sample"], repetition_penalty=settings.get("repetition_penalty", 1.0))
+    if settings["do_sample"]:
+        torch.manual_seed(settings["seed"])
+        options.update(temperature=settings.get("temperature", 1.0), top_k=settings.get("top_k", 0),
+                       top_p=settings.get("top_p", 1.0), min_p=settings.get("min_p") or None)  # fmt: skip
+    else:
+        options.update(temperature=None, top_k=None, top_p=None)
+    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    with torch.inference_mode():
+        return hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, **options)
+
+
+def make_cache(kind, model, batch, max_len):
+    if kind == "dynamic":
+        return DynamicKVCache(model.config.num_hidden_layers)
+    return StaticKVCache.for_model(model, batch, max_len)
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_step_by_step_logits_equal_the_uncached_forward(tiny_ours, kind):
+    ids = torch.tensor([[3, 9, 27, 81, 1, 5, 44, 90, 12, 6, 7, 64]])
+    with torch.inference_mode():
+        full = tiny_ours(ids)
+        cache = make_cache(kind, tiny_ours, 1, ids.shape[1])
+        steps = [tiny_ours(ids[:, :5], cache=cache)]
+        for t in range(5, ids.shape[1]):
+            steps.append(tiny_ours(ids[:, t : t + 1], cache=cache))
+    cached = torch.cat(steps, dim=1)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
+    assert cache.length == ids.shape[1]
+
+
+def test_cache_layout_matches_transformers(tiny_ours, tiny_hf):
+    ids = torch.tensor([[3, 9, 27, 81, 1], [5, 44, 90, 12, 6]])
+    ours = DynamicKVCache(tiny_ours.config.num_hidden_layers)
+    with torch.inference_mode():
+        tiny_ours(ids, cache=ours)
+        theirs = tiny_hf(ids, use_cache=True).past_key_values
+    config = tiny_ours.config
+    for layer in range(config.num_hidden_layers):
+        assert ours.keys[layer].shape == (2, config.num_key_value_heads, 5, config.head_dim)
+        torch.testing.assert_close(ours.keys[layer], theirs.layers[layer].keys, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.values[layer], theirs.layers[layer].values, rtol=1e-5, atol=1e-6)
+
+
+def test_static_cache_grows_in_place(tiny_ours):
+    cache = StaticKVCache.for_model(tiny_ours, batch=1, max_len=8)
+    storage = cache.keys.data_ptr()
+    with torch.inference_mode():
+        tiny_ours(torch.tensor([[1, 2, 3]]), cache=cache)
+        tiny_ours(torch.tensor([[4]]), cache=cache)
+    assert cache.length == 4 and cache.keys.data_ptr() == storage
+    assert cache.keys[:, :, :, 4:].abs().sum() == 0
+
+
+def test_static_cache_refuses_to_overflow(tiny_ours):
+    cache = StaticKVCache.for_model(tiny_ours, batch=1, max_len=4)
+    with torch.inference_mode():
+        tiny_ours(torch.tensor([[1, 2, 3]]), cache=cache)
+        tiny_ours(torch.tensor([[4]]), cache=cache)
+        with pytest.raises(ValueError, match="holds 4 positions"):
+            tiny_ours(torch.tensor([[5]]), cache=cache)
+
+
+@pytest.mark.parametrize("settings", SAMPLING, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize("prompt", PROMPTS, ids=lambda p: f"len{len(p)}")
+def test_cached_uncached_and_hf_generate_agree(pair, prompt, settings):
+    ours, hf = pair
+    ids = torch.tensor([prompt])
+    cached = generate(ours, ids, 16, **settings)
+    uncached = generate(ours, ids, 16, use_cache=False, **settings)
+    hf_loop = generate(hf, ids, 16, **settings)
+    reference = hf_generate(hf, ids, 16, settings)
+    assert torch.equal(cached, reference), (cached, reference)
+    assert torch.equal(uncached, reference)
+    assert torch.equal(hf_loop, reference)
+
+
+def test_generation_never_stops_early_with_no_end_token(tiny_ours):
+    out = generate(tiny_ours, torch.tensor([[5, 6]]), 30, eos_token_id=[], do_sample=True, seed=0)
+    assert out.shape == (1, 32)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_ids=torch.ones(1, 250, dtype=torch.long), max_new_tokens=10), "max_position_embeddings"),
+        (dict(input_ids=torch.ones(0, 4, dtype=torch.long)), "batch is empty"),
+        (dict(attention_mask=torch.ones(1, 3, dtype=torch.long)), "attention_mask has shape"),
+        (dict(input_ids=torch.ones(2, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])), "right padding"),
+        (dict(input_ids=torch.ones(1, 0, dtype=torch.long)), "prompt is empty"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(max_new_tokens=-1), "max_new_tokens"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_bad_input_fails_before_any_forward_pass(tiny_ours, monkeypatch, kwargs, message, use_cache):
+    def no_forward(*args, **kw):
+        raise AssertionError("a forward pass ran before the input was checked")
+
+    monkeypatch.setattr(tiny_ours, "forward", no_forward)
+    arguments = dict(input_ids=torch.ones(1, 4, dtype=torch.long), max_new_tokens=4) | kwargs
+    with pytest.raises(ValueError, match=message):
+        generate(tiny_ours, use_cache=use_cache, **arguments)
+
+
+def test_embedded_cached_uncached_and_hf_agree(embedded_ours, embedded_hf, embedded_tokenizer):
+    messages = [{"role": "user", "content": "Name three prime numbers greater than 100."}]
+    ids = embedded_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
+    for settings in (dict(do_sample=False), dict(do_sample=True, seed=11, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)):  # fmt: skip
+        cached = generate(embedded_ours, ids, 10, **settings)
+        uncached = generate(embedded_ours, ids, 10, use_cache=False, **settings)
+        reference = hf_generate(embedded_hf, ids, 10, settings)
+        assert torch.equal(cached, reference) and torch.equal(uncached, reference), settings
