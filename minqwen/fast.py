@@ -26,7 +26,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .generate import _check_inputs
+from .generate import check_inputs
 from .model import Qwen2
 from .rope import apply_rope, rope_cos_sin
 
@@ -258,7 +258,7 @@ class FastQwen2:
         `eos_token_id=None` reads the model's end tokens and `[]` never stops early; finished rows are padded with
         the first end token. Whether every row has finished is read back every `FINISHED_CHECK_EVERY` steps only.
         """
-        attention_mask = _check_inputs(self, input_ids, attention_mask, max_new_tokens)
+        attention_mask = check_inputs(self, input_ids, attention_mask, max_new_tokens)
         eos_ids = self._stop_ids(eos_token_id)
         if max_new_tokens == 0:
             return input_ids

@@ -42,7 +42,7 @@ def generate_tokens(
     `torch.manual_seed(seed)` before `model.generate` would.
     """
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
-    attention_mask = _check_inputs(model, input_ids, attention_mask, max_new_tokens)
+    attention_mask = check_inputs(model, input_ids, attention_mask, max_new_tokens)
     eos_ids, pad_id = stop_tokens(model, eos_token_id)
     return _decode(model, input_ids, attention_mask, max_new_tokens, sampling, seed, eos_ids, pad_id, use_cache)
 
@@ -92,7 +92,7 @@ def stop_tokens(model, eos_token_id: int | list[int] | None = None) -> tuple[lis
     return eos_ids, pad_id
 
 
-def _check_inputs(model, input_ids, attention_mask, max_new_tokens: int) -> torch.Tensor:
+def check_inputs(model, input_ids, attention_mask, max_new_tokens: int) -> torch.Tensor:
     """Reject what would fail or silently mislead later; return the attention mask (all ones when none given)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")

@@ -89,12 +89,11 @@ def test_eos_stops_rows_and_pads_them_like_hf(tiny_model, tiny_hf, do_sample):
     free_run = minqwen.generate(tiny_model, ids, 20, attention_mask=mask, eos_token_id=[], seed=2, do_sample=do_sample)  # fmt: skip
     # An end token the first row produces at its 4th step, so at least that row stops early.
     eos = int(free_run[0, ids.shape[1] + 3])
-    pad = PAD if tiny_model is tiny_hf else eos  # minqwen's Qwen2 pads with its first end token
-    expected = hf_generate(tiny_hf, ids, mask, 20, seed=2, eos=eos, pad=pad, do_sample=do_sample)
+    expected = hf_generate(tiny_hf, ids, mask, 20, seed=2, eos=eos, pad=PAD, do_sample=do_sample)
     ours = minqwen.generate(tiny_model, ids, 20, attention_mask=mask, eos_token_id=eos, seed=2, do_sample=do_sample)
     assert torch.equal(ours, expected)
     first_eos = ours[0, ids.shape[1] :].tolist().index(eos)
-    assert all(t == pad for t in ours[0, ids.shape[1] + first_eos + 1 :].tolist())
+    assert all(t == PAD for t in ours[0, ids.shape[1] + first_eos + 1 :].tolist())
 
 
 def test_stops_when_every_row_is_done(tiny_model):
@@ -106,9 +105,10 @@ def test_stops_when_every_row_is_done(tiny_model):
 
 
 def test_eos_defaults_to_the_model(tiny_hf, tiny_ours):
-    assert stop_tokens(tiny_hf) == ([2], 0)
-    assert stop_tokens(tiny_ours) == ([2], 2)
-    assert stop_tokens(tiny_ours, [7, 9]) == ([7, 9], 7)
+    """Both read generation_config.json: its end tokens, and its pad id for finished rows."""
+    for model in (tiny_hf, tiny_ours):
+        assert stop_tokens(model) == ([2], 0)
+        assert stop_tokens(model, [7, 9]) == ([7, 9], 0)
 
 
 def test_generate_tokens_yields_one_column_per_step(tiny_model):
