@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .generate import check_inputs
+from .layers import rms_norm
 from .model import Qwen2
 from .rope import apply_rope, rope_cos_sin
 
@@ -85,13 +86,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             y = y + bias.float()
         return y.to(x.dtype)
     return F.linear(x, weight, bias)
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
 
 
 def _project(x, w: LayerWeights, s: Shape):

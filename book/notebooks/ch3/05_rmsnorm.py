@@ -34,13 +34,14 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from minqwen.config import ModelConfig
-from minqwen.layers import RMSNorm
+from minqwen.layers import RMSNorm, rms_norm
 
 hf_logging.disable_progress_bar()
 torch.manual_seed(0)
 hf = AutoModelForCausalLM.from_pretrained(model_path(), dtype=DTYPE).to(DEVICE).eval()
 config = ModelConfig.from_file(model_path())
 print(f"rms_norm_eps = {config.rms_norm_eps!r} (1e-6 stored through float32)")
+show_source(rms_norm)
 show_source(RMSNorm)
 
 # %% [markdown]
