@@ -81,7 +81,6 @@ class Session:
         self.sampling = vars(SamplingConfig(**settings))
         self.max_new_tokens = args.max_new_tokens
         self.stop = args.stop
-        self.eos = defaults.get("eos_token_id")
 
         from transformers import AutoTokenizer
         from transformers.utils import logging as hf_logging
@@ -91,8 +90,6 @@ class Session:
         hf_logging.set_verbosity_error()
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
         self.model = Qwen2.from_pretrained(folder, dtype=getattr(torch, args.dtype), device=args.device)
-        if self.eos is None:
-            self.eos = list(self.model.config.eos_token_ids) or self.tokenizer.eos_token_id
 
     def encode(self, messages: list[dict] | str) -> list[int]:
         """Chat messages through the checkpoint's chat template, or raw text as it is."""
@@ -107,8 +104,7 @@ class Session:
         """Stream the continuation of `ids` to stdout and return its text."""
         from .streaming import stream
 
-        pieces = stream(self.model, self.tokenizer, ids, self.max_new_tokens, stop=self.stop, eos_token_id=self.eos,
-                        seed=seed, **self.sampling)  # fmt: skip
+        pieces = stream(self.model, self.tokenizer, ids, self.max_new_tokens, stop=self.stop, seed=seed, **self.sampling)
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
