@@ -4,7 +4,8 @@ Nothing here is part of minqwen; it only makes the chapters short. Settings come
 
 - ``MINQWEN_MODEL``: any `minqwen.fetch` source (default ``embedded``);
 - ``MINQWEN_DEVICE``: ``cpu`` (default) or ``cuda``, falling back to the CPU when no GPU is present;
-- ``MINQWEN_DTYPE``: ``float32`` (default) or ``bfloat16``.
+- ``MINQWEN_DTYPE``: ``float32`` or ``bfloat16``; by default float32 on the CPU, where every check is exact, and
+  bfloat16 on a GPU, the precision a GPU runs a model in, with tolerances to match.
 """
 
 from __future__ import annotations
@@ -37,9 +38,14 @@ BENCH = BOOK / "data" / "bench"
 
 MODEL_SOURCE = os.environ.get("MINQWEN_MODEL", "embedded")
 DEVICE = os.environ.get("MINQWEN_DEVICE", "cpu")
+if DEVICE != "cpu" and not DEVICE.startswith("cuda"):
+    raise ValueError(f"MINQWEN_DEVICE={DEVICE!r}: use cpu, cuda or cuda:<index>")
 if DEVICE.startswith("cuda") and not torch.cuda.is_available():
     DEVICE = "cpu"
-DTYPE = getattr(torch, os.environ.get("MINQWEN_DTYPE", "float32"))
+_dtype = os.environ.get("MINQWEN_DTYPE") or ("bfloat16" if DEVICE.startswith("cuda") else "float32")
+if _dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"MINQWEN_DTYPE={_dtype!r}: use float32 or bfloat16")
+DTYPE = getattr(torch, _dtype)
 
 # Comparisons against HF must not silently drop to TF32 on a GPU.
 torch.backends.cuda.matmul.allow_tf32 = False
@@ -50,9 +56,15 @@ pd.set_option("display.width", 120)
 
 
 def tolerance(kind: str = "forward") -> float:
-    """Relative tolerance for a check, chosen by the working precision (GUIDE: notebooks, tolerances)."""
-    fp32 = {"elementwise": 1e-6, "forward": 1e-5}
-    return fp32[kind] if DTYPE == torch.float32 else 1e-2
+    """Relative tolerance for a check, chosen by the working precision (GUIDE: notebooks, tolerances).
+
+    In bfloat16 one operation rounds to 2^-8 (4e-3), so element-wise checks allow 1e-2. A whole forward pass
+    compounds that over every layer: two bfloat16 computations of random:1.5B's 28 layers (a padded batch and a row
+    alone) differed by up to 2.4e-2 on an H100 (book/data/gpu-runs.md), so whole-forward checks allow 5e-2, the
+    budget chapter 3.6 sets for bfloat16 against float32.
+    """
+    limits = {torch.float32: {"elementwise": 1e-6, "forward": 1e-5}, torch.bfloat16: {"elementwise": 1e-2, "forward": 5e-2}}
+    return limits[DTYPE][kind]
 
 
 @functools.cache
@@ -78,12 +90,11 @@ def fits_one_device(path: Path, device_bytes: int) -> bool:
     judged by its weights alone, scaled from the stored dtype to DTYPE.
     """
     from minqwen.hardware import DTYPE_BYTES, HEADROOM, memory_estimate
-    from minqwen.sizes import SIZES, qwen25_config
+    from minqwen.sizes import released_size
 
     config = json.loads((path / "config.json").read_text())
-    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads", "vocab_size")
     dtype = str(DTYPE).removeprefix("torch.")
-    size = next((s for s in SIZES if all(qwen25_config(s)[k] == config.get(k) for k in shape)), None)
+    size = released_size(config)
     if size is not None:
         need = memory_estimate(size, dtype)["total"]
     else:
@@ -135,6 +146,27 @@ def diff_table(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> pd.DataFr
     return frame.map(lambda x: f"{x:.2e}")
 
 
+def agree_up_to_a_near_tie(model, prompt: torch.Tensor, tokens: list[int], reference: list[int]) -> bool:
+    """Whether two greedy continuations of `prompt` [1, T] are equal, or, in reduced precision, equal up to a step
+    where their two choices were within rounding of each other under `model` (minqwen's or HF's).
+
+    Two computations of one step that round differently (a padded batch against a row alone) may pick either side
+    of such a near-tie, and only of one; after it they go separate ways. Each may be off by the tolerance, so their
+    choices can cross only where the two logits are within twice it. In float32 they must agree exactly.
+    """
+    step = next((i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b), None)
+    if step is None:
+        return len(tokens) == len(reference)
+    if DTYPE == torch.float32:
+        return False
+    context = torch.cat([prompt, torch.tensor([reference[:step]], dtype=prompt.dtype, device=prompt.device)], dim=1)
+    with torch.inference_mode():
+        output = model(context)
+    logits = getattr(output, "logits", output)[0, -1].float()  # an HF model returns an output object
+    gap = (logits[tokens[step]] - logits[reference[step]]).abs()
+    return bool(gap <= 2 * tolerance("forward") * logits.abs().max())
+
+
 def table(rows, **kwargs) -> pd.DataFrame:
     return pd.DataFrame(rows, **kwargs)
 
@@ -159,10 +191,16 @@ def weights_id(path: Path | None = None) -> str:
     return hashlib.sha256(digests.encode()).hexdigest()[:16]
 
 
+def is_book_model() -> bool:
+    """Whether the model under study is the book's own, the embedded model that the prose describes and the golden
+    files recorded. Checks of its particulars (its GGUF origin, what it answers) run on it alone; checks of minqwen
+    against HF run on any model."""
+    return {r["weights_id"] for r in load_golden()} == {weights_id()}
+
+
 def golden_applies() -> bool:
-    """Golden files check only the model that recorded them; checks of minqwen against HF apply to any model."""
-    records = load_golden()
-    return bool(records) and all(r["weights_id"] == weights_id() for r in records)
+    """The golden files were recorded from the book's model in float32; in another precision a greedy choice may move."""
+    return is_book_model() and DTYPE == torch.float32
 
 
 def stamp() -> str:

@@ -81,3 +81,9 @@ def parameter_count(size: str) -> int:
     per_layer = attention + mlp + 2 * hidden
     head = 0 if c["tie_word_embeddings"] else vocab * hidden
     return vocab * hidden + c["num_hidden_layers"] * per_layer + hidden + head
+
+
+def released_size(config: dict) -> str | None:
+    """The Qwen2.5 size whose shape a config.json dict has (None for any other shape, such as a tiny test model)."""
+    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads", "vocab_size")
+    return next((s for s in SIZES if all(qwen25_config(s)[k] == config.get(k) for k in shape)), None)

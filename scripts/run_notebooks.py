@@ -55,14 +55,15 @@ def run_one(notebook: Path) -> None:
 
 
 def environment() -> str:
+    sys.path[:0] = [str(BOOK), str(ROOT)]
+    import helpers
     import torch
     import transformers
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (f"{card}; torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
-            f"Python {platform.python_version()}; MINQWEN_MODEL={os.environ.get('MINQWEN_MODEL', 'embedded')}, "
-            f"MINQWEN_DEVICE={os.environ.get('MINQWEN_DEVICE', 'cpu')}, "
-            f"MINQWEN_DTYPE={os.environ.get('MINQWEN_DTYPE', 'float32')}")  # fmt: skip
+            f"Python {platform.python_version()}; MINQWEN_MODEL={helpers.MODEL_SOURCE}, "
+            f"device {helpers.DEVICE}, dtype {str(helpers.DTYPE).removeprefix('torch.')}")  # fmt: skip
 
 
 def main() -> int:

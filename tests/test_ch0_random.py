@@ -8,6 +8,9 @@ checkpoint's bytes are the weights of chapter 0's memory estimate.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ import minqwen
 from minqwen.config import ModelConfig
 from minqwen.hardware import memory_estimate
 from minqwen.model import hf_to_minqwen
-from minqwen.sizes import SIZES, parameter_count, qwen25_config
+from minqwen.sizes import SIZES, parameter_count, qwen25_config, released_size
 from minqwen.weights import _hf_shapes
 
 GIB = 1 << 30
@@ -124,3 +127,50 @@ def test_a_model_of_no_released_shape_is_judged_by_its_weights(tiny_checkpoint, 
     weight_bytes = sum(f.stat().st_size for f in tiny_checkpoint.glob("*.safetensors"))
     assert helpers.fits_one_device(tiny_checkpoint, weight_bytes * 2)
     assert not helpers.fits_one_device(tiny_checkpoint, weight_bytes // 2)
+
+
+def test_released_size_names_each_shape_and_nothing_else(tiny_checkpoint):
+    assert [released_size(qwen25_config(size)) for size in SIZES] == list(SIZES)
+    assert released_size(json.loads((tiny_checkpoint / "config.json").read_text())) is None
+
+
+def _helpers_settings(**env) -> subprocess.CompletedProcess:
+    code = "import helpers; print(helpers.DEVICE, helpers.DTYPE)"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("MINQWEN_")} | env
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=300)
+
+
+def test_the_notebooks_dtype_follows_the_device_unless_set():
+    assert _helpers_settings().stdout.split() == ["cpu", "torch.float32"]
+    assert _helpers_settings(MINQWEN_DTYPE="bfloat16").stdout.split() == ["cpu", "torch.bfloat16"]
+    if not torch.cuda.is_available():  # no GPU: cuda falls back to the CPU, and so does its default dtype
+        assert _helpers_settings(MINQWEN_DEVICE="cuda").stdout.split() == ["cpu", "torch.float32"]
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [({"MINQWEN_DTYPE": "fp16"}, "MINQWEN_DTYPE='fp16': use float32 or bfloat16"),
+     ({"MINQWEN_DEVICE": "tpu"}, "MINQWEN_DEVICE='tpu': use cpu, cuda or cuda:<index>")],
+)  # fmt: skip
+def test_bad_notebook_settings_get_one_clear_error(env, message):
+    done = _helpers_settings(**env)
+    assert done.returncode != 0 and done.stderr.strip().splitlines()[-1] == f"ValueError: {message}"
+
+
+def test_a_greedy_split_is_accepted_only_at_a_near_tie_and_only_below_float32(tiny_ours, monkeypatch):
+    prompt = torch.tensor([[3, 14, 15, 92, 65]])
+    with torch.inference_mode():
+        logits = tiny_ours(prompt)[0, -1]
+    order = logits.argsort(descending=True).tolist()
+    gaps = [float(logits[a] - logits[b]) for a, b in zip(order, order[1:])]
+    close = gaps.index(min(gaps))
+    tied_a, tied_b = order[close], order[close + 1]  # the two tokens whose logits are nearest
+    assert min(gaps) <= 1e-2 * float(logits.abs().max())
+    best, worst = order[0], order[-1]
+    monkeypatch.setattr(helpers, "DTYPE", torch.float32)
+    assert helpers.agree_up_to_a_near_tie(tiny_ours, prompt, [best, 7], [best, 7])
+    assert not helpers.agree_up_to_a_near_tie(tiny_ours, prompt, [tied_a], [tied_b])
+    assert not helpers.agree_up_to_a_near_tie(tiny_ours, prompt, [best], [best, 7])
+    monkeypatch.setattr(helpers, "DTYPE", torch.bfloat16)
+    assert helpers.agree_up_to_a_near_tie(tiny_ours, prompt, [tied_a, 1], [tied_b, 2])
+    assert not helpers.agree_up_to_a_near_tie(tiny_ours, prompt, [worst], [best])

@@ -32,7 +32,7 @@ import json
 import struct
 
 import pandas as pd
-from helpers import MODEL_SOURCE, show_source
+from helpers import MODEL_SOURCE, is_book_model, show_source
 
 import minqwen
 from minqwen import weights
@@ -101,7 +101,10 @@ layout.head(14)
 # %%
 import math
 
-itemsize = {"F32": 4, "BF16": 2, "F16": 2}
+import torch
+
+torch_dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+itemsize = {name: dtype.itemsize for name, dtype in torch_dtype.items()}
 ends = layout["end"].to_numpy()
 starts = layout["start"].to_numpy()
 assert starts[0] == 0 and (starts[1:] == ends[:-1]).all()
@@ -113,14 +116,14 @@ print(f"{len(layout)} tensors, {ends[-1]:,} data bytes, file {tensors_file.stat(
 # Reading one tensor by hand is a seek and a `frombuffer`; it must equal what the `safetensors` library returns.
 
 # %%
-import torch
 from safetensors import safe_open
 
-name = "model.norm.weight"
+name = "model.layers.0.input_layernorm.weight"  # in the first file of a sharded checkpoint too
 start, end = header[name]["data_offsets"]
 with open(tensors_file, "rb") as f:
     f.seek(8 + header_len + start)
-    by_hand = torch.frombuffer(bytearray(f.read(end - start)), dtype=torch.float32).reshape(header[name]["shape"])
+    by_hand = torch.frombuffer(bytearray(f.read(end - start)), dtype=torch_dtype[header[name]["dtype"]])
+    by_hand = by_hand.reshape(header[name]["shape"])
 with safe_open(tensors_file, "pt") as f:
     assert torch.equal(by_hand, f.get_tensor(name))
 print(name, tuple(by_hand.shape), by_hand[:4])
@@ -150,12 +153,13 @@ meaning = {
 pd.DataFrame([{"field": k, "value": json.dumps(config.get(k)), "meaning": v} for k, v in meaning.items()]).set_index("field")
 
 # %% [markdown]
-# Two values deserve a note. `tie_word_embeddings` is false: the official 0.5B ties its LM head to the
+# In the book's model two values deserve a note. `tie_word_embeddings` is false: the official 0.5B ties its LM head to the
 # embedding, but this GGUF carries its own `output.weight`, so our checkpoint keeps both. And `rms_norm_eps`
 # reads 9.999999974752427e-07: that is 1e-6 after a trip through float32 inside the GGUF.
 
 # %%
-assert config["tie_word_embeddings"] is False and config["rms_norm_eps"] == float(torch.tensor(1e-6, dtype=torch.float32))
+if is_book_model():
+    assert config["tie_word_embeddings"] is False and config["rms_norm_eps"] == float(torch.tensor(1e-6, dtype=torch.float32))
 assert "quantization_config" not in config, "a leftover gguf quantization_config makes HF look for a GGUF file"
 parsed = minqwen.ModelConfig.from_file(path)
 print(parsed)
@@ -175,10 +179,10 @@ print((path / "generation_config.json").read_text())
 # block.
 
 # %%
-from gguf import GGUFReader
-
 gguf_file = weights.cache_dir() / "gguf" / model.gguf_name
-if gguf_file.is_file():
+if is_book_model() and gguf_file.is_file():
+    from gguf import GGUFReader
+
     reader = GGUFReader(gguf_file)
     kinds = pd.Series([t.tensor_type.name for t in reader.tensors]).value_counts()
     print(f"{len(reader.tensors)} tensors in the GGUF; quantization types:")

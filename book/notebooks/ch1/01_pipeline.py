@@ -155,7 +155,7 @@ from minqwen.sampling import apply_repetition_penalty
 
 changes = []
 for r in fresh:
-    ids = torch.tensor([r["output_ids"]])
+    ids = torch.tensor([r["output_ids"]], device=model.device)
     prompt = len(r["prompt_ids"])
     with torch.inference_mode():
         logits = model(ids).logits[0].float()

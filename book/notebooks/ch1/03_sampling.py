@@ -290,7 +290,12 @@ tests.round({"chi2": 1, "p-value": 4})
 
 # %%
 assert tests.loc["filtered distribution", "p-value"] > 0.01
-assert tests.loc["model (T=1, same tokens)", "p-value"] < 1e-6
+# the control must fail when the two distributions differ enough for this many draws to tell them apart; near-flat
+# logits (random weights) can leave them too close, and then the control proves nothing either way
+power = draws * float(((target - unfiltered) ** 2 / unfiltered).sum())  # the chi-square's noncentrality
+print(f"noncentrality of the control: {power:,.0f}")
+if power > 100:
+    assert tests.loc["model (T=1, same tokens)", "p-value"] < 1e-6
 fig, ax = plt.subplots(figsize=(7, 3))
 ax.bar(np.arange(len(kept)) - 0.2, (counts / draws).numpy(), width=0.4, label="sampled frequency")
 ax.bar(np.arange(len(kept)) + 0.2, target.numpy(), width=0.4, label="filtered probability")

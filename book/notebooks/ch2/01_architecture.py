@@ -31,13 +31,13 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from helpers import model_path, show_source
+from helpers import is_book_model, model_path, show_source
 from matplotlib.patches import FancyBboxPatch
 from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
 
 import minqwen
 from minqwen.config import ModelConfig
-from minqwen.sizes import SIZES, parameter_count, qwen25_config
+from minqwen.sizes import SIZES, parameter_count, qwen25_config, released_size
 
 hf_config = AutoConfig.from_pretrained(model_path())
 with torch.device("meta"):
@@ -66,7 +66,8 @@ def describe(module) -> str:
 for name, module in modules.items():
     if not name.startswith("model.layers.") or name.startswith("model.layers.0"):
         print(f"{name or '(root)':42s} {describe(module)}")
-print(f"{'model.layers.1 ... model.layers.23':42s} 23 more Qwen2DecoderLayer, each shaped like model.layers.0")
+last = config.num_hidden_layers - 1
+print(f"{f'model.layers.1 ... model.layers.{last}':42s} {last} more Qwen2DecoderLayer, each shaped like model.layers.0")
 
 
 # %%
@@ -235,26 +236,32 @@ built.map(lambda n: f"{n:,}")
 # The book's model is Qwen2.5-Coder-0.5B-Instruct, converted from a GGUF file (chapter 0). Its config should be
 # the 0.5B Instruct row. It is, with two differences, both explained by the conversion: the GGUF stores a separate
 # output matrix, so the head is untied (chapter 2.2 looks at the two matrices); and `rms_norm_eps` went through
-# float32, which cannot hold 1e-6 exactly.
+# float32, which cannot hold 1e-6 exactly. (Under another `MINQWEN_MODEL` the row is that model's size, and a
+# released or `random:` checkpoint matches it exactly.)
 
 # %%
 embedded_raw = json.loads((model_path() / "config.json").read_text())
-reference = ModelConfig.from_dict(qwen25_config("0.5B"))
+size = released_size(embedded_raw)
+assert size is not None, "this section compares the model's config with a released Qwen2.5 size's"
+reference = ModelConfig.from_dict(qwen25_config(size))
 fields = ["hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
           "num_hidden_layers", "rope_theta", "rms_norm_eps", "vocab_size", "tie_word_embeddings",
           "max_position_embeddings", "rope_type"]  # fmt: skip
 compared = pd.DataFrame(
-    {f: {"0.5B Instruct table": getattr(reference, f), "embedded config.json": getattr(config, f)} for f in fields}
+    {f: {f"{size} Instruct table": getattr(reference, f), "config.json": getattr(config, f)} for f in fields}
 ).T
 compared["same"] = compared.iloc[:, 0] == compared.iloc[:, 1]
 compared.astype(str)
 
 # %%
 different = set(compared.index[~compared["same"]])
-assert different == {"tie_word_embeddings", "rms_norm_eps"}, different
-assert config.rms_norm_eps == float(np.float32(1e-6)) and not config.tie_word_embeddings
 assert embedded_raw["hidden_act"] == "silu" and not embedded_raw["use_sliding_window"]
-print(f"rms_norm_eps: {config.rms_norm_eps!r} == float32(1e-6)")
+if is_book_model():
+    assert different == {"tie_word_embeddings", "rms_norm_eps"}, different
+    assert config.rms_norm_eps == float(np.float32(1e-6)) and not config.tie_word_embeddings
+    print(f"rms_norm_eps: {config.rms_norm_eps!r} == float32(1e-6)")
+else:
+    assert not different, different
 
 # %% [markdown]
 # ## Where the parameters are
@@ -280,9 +287,11 @@ for name, p in hf.named_parameters():
     by_kind[parameter_kind(name)] += p.numel()
 kinds = pd.DataFrame({"parameters": pd.Series(by_kind)})
 kinds["share"] = (kinds["parameters"] / kinds["parameters"].sum()).map(lambda s: f"{s:.2%}")
-assert kinds["parameters"].sum() == parameter_count("0.5B") + c.vocab_size * c.hidden_size  # + the untied head
+head_the_table_ties = c.vocab_size * c.hidden_size if reference.tie_word_embeddings and not c.tie_word_embeddings else 0
+assert kinds["parameters"].sum() == parameter_count(size) + head_the_table_ties
 in_layers = sum(p.numel() for n, p in hf.named_parameters() if n.startswith("model.layers."))
-assert [round(n / 1e6) for n in (by_kind["embedding"], by_kind["LM head"], in_layers, kinds["parameters"].sum())] == [136, 136, 358, 630]
+if is_book_model():
+    assert [round(n / 1e6) for n in (by_kind["embedding"], by_kind["LM head"], in_layers, kinds["parameters"].sum())] == [136, 136, 358, 630]
 kinds.assign(parameters=kinds["parameters"].map(lambda n: f"{n:,}"))
 
 # %%
@@ -291,7 +300,7 @@ ordered = kinds["parameters"].sort_values()
 ax.barh(ordered.index, ordered.values / 1e6, color="#4c72b0")
 for y, v in enumerate(ordered.values):
     ax.text(v / 1e6 + 2, y, f"{v / 1e6:.2f}M", va="center", fontsize=8)
-ax.set(xlabel="parameters (millions)", title="Embedded 0.5B: parameters by module kind", xlim=(0, ordered.max() / 1e6 * 1.2))
+ax.set(xlabel="parameters (millions)", title=f"{model_path().name}: parameters by module kind", xlim=(0, ordered.max() / 1e6 * 1.2))
 plt.show()
 
 # %% [markdown]

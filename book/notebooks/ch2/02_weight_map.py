@@ -31,7 +31,8 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from helpers import model_path, show_source
+from IPython.display import display
+from helpers import is_book_model, model_path, show_source
 from safetensors import safe_open
 from transformers.utils import logging as hf_logging
 from transformers import Qwen2ForCausalLM
@@ -42,19 +43,21 @@ from minqwen.model import hf_to_minqwen, minqwen_to_hf
 
 hf_logging.disable_progress_bar()  # its bars go to stderr, which nbval compares
 config = ModelConfig.from_file(model_path())
-checkpoint = model_path() / "model.safetensors"
+checkpoints = sorted(model_path().glob("*.safetensors"))  # one file here; large models shard theirs
 rows = []
-with safe_open(checkpoint, framework="pt") as f:
-    for key in f.keys():
-        piece = f.get_slice(key)
-        dtype = getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[piece.get_dtype()])
-        shape = tuple(piece.get_shape())
-        numel = torch.Size(shape).numel()
-        rows.append({"key": key, "shape": shape, "dtype": str(dtype).removeprefix("torch."), "parameters": numel,
-                     "bytes": numel * dtype.itemsize, "owning module": key.rsplit(".", 1)[0]})  # fmt: skip
+for checkpoint in checkpoints:
+    with safe_open(checkpoint, framework="pt") as f:
+        for key in f.keys():
+            piece = f.get_slice(key)
+            dtype = getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[piece.get_dtype()])
+            shape = tuple(piece.get_shape())
+            numel = torch.Size(shape).numel()
+            rows.append({"key": key, "shape": shape, "dtype": str(dtype).removeprefix("torch."), "parameters": numel,
+                         "bytes": numel * dtype.itemsize, "owning module": key.rsplit(".", 1)[0]})  # fmt: skip
 weights = pd.DataFrame(rows).set_index("key")
 print(f"{len(weights)} tensors, {weights['parameters'].sum():,} parameters, {weights['bytes'].sum() / 2**20:,.1f} MiB")
-assert weights["bytes"].sum() < checkpoint.stat().st_size < weights["bytes"].sum() + 2**20  # header < 1 MiB
+file_bytes = sum(checkpoint.stat().st_size for checkpoint in checkpoints)
+assert weights["bytes"].sum() < file_bytes < weights["bytes"].sum() + len(checkpoints) * 2**20  # headers < 1 MiB
 
 # %% [markdown]
 # ## Every key
@@ -85,7 +88,7 @@ totals = weights.assign(kind=kind).groupby("kind", sort=False).agg(
     tensors=("shape", "size"), shape=("shape", "first"), shapes=("shape", "nunique"), parameters=("parameters", "sum"), bytes=("bytes", "sum")
 )  # fmt: skip
 assert (totals["shapes"] == 1).all() and (totals.loc[[k for k in totals.index if "*" in k], "tensors"] == config.num_hidden_layers).all()  # fmt: skip
-assert totals["tensors"].sum() == len(weights) == 12 * config.num_hidden_layers + 3
+assert totals["tensors"].sum() == len(weights) == 12 * config.num_hidden_layers + 2 + (not config.tie_word_embeddings)
 per_layer = {k: int(v) for k, v in weights.assign(layer=layer).groupby("layer")["parameters"].sum().items()}
 assert set(per_layer.values()) == {per_layer[0]}
 totals = totals.drop(columns="shapes")
@@ -122,6 +125,8 @@ mapping[(layer == 0) | layer.isna()].set_index("HF key")
 with torch.device("meta"):
     ours = minqwen.Qwen2(config)
 our_shapes = {name: tuple(t.shape) for name, t in ours.state_dict().items()}
+if config.tie_word_embeddings:  # one tensor under two names; the file stores it once, as the embedding
+    our_shapes.pop("lm_head.weight")
 file_shapes = {hf_to_minqwen(k): s for k, s in weights["shape"].items()}
 assert file_shapes == our_shapes
 assert all(minqwen_to_hf(hf_to_minqwen(k)) == k for k in weights.index)
@@ -146,18 +151,21 @@ show_source(minqwen.Qwen2.from_pretrained)
 # `tie_word_embeddings: false` and its checkpoint holds both matrices. How different are they?
 
 # %%
-with safe_open(checkpoint, framework="pt") as f:
-    embedding, head = f.get_tensor("model.embed_tokens.weight"), f.get_tensor("lm_head.weight")
-row_cosine = torch.nn.functional.cosine_similarity(embedding, head, dim=1)
-difference = {
-    "identical": torch.equal(embedding, head),
-    "max |E - H|": f"{(embedding - head).abs().max().item():.3e}",
-    "max |E|": f"{embedding.abs().max().item():.3e}",
-    "||E - H|| / ||E||": f"{((embedding - head).norm() / embedding.norm()).item():.3f}",
-    "row cosine, min": f"{row_cosine.min().item():.4f}",
-    "row cosine, mean": f"{row_cosine.mean().item():.4f}",
-}
-pd.Series(difference, name="embedding E vs head H").to_frame()
+if is_book_model():
+    with safe_open(checkpoints[0], framework="pt") as f:
+        embedding, head = f.get_tensor("model.embed_tokens.weight"), f.get_tensor("lm_head.weight")
+    row_cosine = torch.nn.functional.cosine_similarity(embedding, head, dim=1)
+    difference = {
+        "identical": torch.equal(embedding, head),
+        "max |E - H|": f"{(embedding - head).abs().max().item():.3e}",
+        "max |E|": f"{embedding.abs().max().item():.3e}",
+        "||E - H|| / ||E||": f"{((embedding - head).norm() / embedding.norm()).item():.3f}",
+        "row cosine, min": f"{row_cosine.min().item():.4f}",
+        "row cosine, mean": f"{row_cosine.mean().item():.4f}",
+    }
+    display(pd.Series(difference, name="embedding E vs head H").to_frame())
+else:
+    print(f"{model_path().name}: tie_word_embeddings={config.tie_word_embeddings}; this section studies the book's model")
 
 # %% [markdown]
 # Close, but not equal: every row points the same way (cosine above 0.998) and the two differ by about 4% in norm.
@@ -175,19 +183,21 @@ def steps_per_block(matrix: torch.Tensor, rows: slice = slice(None, None, 16)) -
     return ((blocks[:, -1] - blocks[:, 0]) / smallest).round().long()
 
 
-steps = {"embedding": steps_per_block(embedding), "LM head": steps_per_block(head)}
-print({name: int(v.max()) for name, v in steps.items()})
-assert steps["embedding"].max() <= 31 < steps["LM head"].max() <= 255
+if is_book_model():
+    steps = {"embedding": steps_per_block(embedding), "LM head": steps_per_block(head)}
+    print({name: int(v.max()) for name, v in steps.items()})
+    assert steps["embedding"].max() <= 31 < steps["LM head"].max() <= 255
 
-fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
-axes[0].hist(row_cosine.numpy(), bins=60, color="#4c72b0")
-axes[0].set(title="cosine(E row, H row), every token", xlabel="cosine similarity", ylabel="tokens")
-for (name, v), color in zip(steps.items(), ("#dd8452", "#55a868")):
-    axes[1].hist(v.numpy(), bins=range(0, 257, 4), color=color, alpha=0.7, label=name)
-axes[1].set(title="quantization steps spanned per 32-weight block", xlabel="steps", ylabel="blocks", yscale="log")
-axes[1].legend(fontsize=8)
-plt.tight_layout()
-plt.show()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
+    axes[0].hist(row_cosine.numpy(), bins=60, color="#4c72b0")
+    axes[0].set(title="cosine(E row, H row), every token", xlabel="cosine similarity", ylabel="tokens")
+    for (name, v), color in zip(steps.items(), ("#dd8452", "#55a868")):
+        axes[1].hist(v.numpy(), bins=range(0, 257, 4), color=color, alpha=0.7, label=name)
+    axes[1].set(title="quantization steps spanned per 32-weight block", xlabel="steps", ylabel="blocks", yscale="log")
+    axes[1].legend(fontsize=8)
+    plt.tight_layout()
+    plt.show()
+    del embedding, head  # 1 GiB we no longer need
 
 # %% [markdown]
 # So the embedded model keeps its own head: tying it now would replace the finer 8-bit head with the coarser
@@ -196,7 +206,6 @@ plt.show()
 # then holds one tensor under both names; the untied one keeps two tensors. Both give HF's logits exactly.
 
 # %%
-del embedding, head  # 1 GiB we no longer need
 from transformers import Qwen2Config
 
 tiny = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,

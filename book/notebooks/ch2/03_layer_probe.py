@@ -156,18 +156,25 @@ print(f"every row within {tolerance('forward'):.0e} relative")
 # %% [markdown]
 # ## Finding a bug
 #
-# Now a deliberate bug of the kind a hand-written loader makes: layer 13 of minqwen loses its key bias (imagine a
-# name map that skipped `k_proj.bias`). The logits are wrong; the question is where it starts.
+# Now a deliberate bug of the kind a hand-written loader makes: layer 13 of minqwen gets its key and value
+# projections swapped (imagine a name map that mixed up `k_proj` and `v_proj`). With two key-value heads they have
+# the same shape, so no shape check catches it. The logits are wrong; the question is where it starts.
 
 # %%
+def swap_key_value(attention) -> None:
+    with torch.no_grad():
+        for part in ("weight", "bias"):
+            key, value = getattr(attention.k_proj, part), getattr(attention.v_proj, part)
+            key_before = key.clone()
+            key.copy_(value)
+            value.copy_(key_before)
+
+
 broken_layer = 13
-saved_bias = ours.layers[broken_layer].self_attn.k_proj.bias.detach().clone()
-with torch.no_grad():
-    ours.layers[broken_layer].self_attn.k_proj.bias.zero_()
+swap_key_value(ours.layers[broken_layer].self_attn)
 broken = probe.compare_layers(hf, ours, batch.input_ids, batch.attention_mask)
 replayed_broken = probe.replay(recording, ours)
-with torch.no_grad():
-    ours.layers[broken_layer].self_attn.k_proj.bias.copy_(saved_bias)
+swap_key_value(ours.layers[broken_layer].self_attn)  # swapped back
 
 # %%
 # NBVAL_IGNORE_OUTPUT
@@ -191,7 +198,7 @@ assert replay_over == [f"layers.{broken_layer}"]
 # %%
 fig, ax = plt.subplots(figsize=(8, 3.2))
 floor = 1e-12  # exact zeros drawn at the floor of the log scale
-for rows_, label, style in ((clean, "minqwen", "o-"), (broken, f"minqwen, k bias of layer {broken_layer} zeroed", "s-")):
+for rows_, label, style in ((clean, "minqwen", "o-"), (broken, f"minqwen, k and v of layer {broken_layer} swapped", "s-")):
     ax.plot([max(r.max_rel, floor) for r in rows_], style, ms=3, label=label)
 ax.axhline(tolerance("forward"), color="gray", ls="--", label="tolerance")
 ax.set_xticks(range(len(clean)), [r.minqwen.replace("layers.", "") for r in clean], rotation=90, fontsize=7)

@@ -101,12 +101,13 @@ show_source(rope_cos_sin)
 
 # %%
 positions = torch.arange(config.max_position_embeddings)[None]
+pairs = config.head_dim // 2
 cos, sin = rope_cos_sin(inv_freq, positions)
 hf_cos, hf_sin = rotary(torch.zeros(1), positions)
 angles = positions[0, :, None].double() * exact
 diff_table({
     "cos, ours vs HF": (cos, hf_cos), "sin, ours vs HF": (sin, hf_sin),
-    "cos, ours vs float64": (cos[0, :, :32], angles.cos()), "sin, ours vs float64": (sin[0, :, :32], angles.sin()),
+    "cos, ours vs float64": (cos[0, :, :pairs], angles.cos()), "sin, ours vs float64": (sin[0, :, :pairs], angles.sin()),
 })  # fmt: skip
 
 # %% [markdown]
@@ -118,7 +119,7 @@ diff_table({
 
 # %%
 assert torch.equal(cos, hf_cos) and torch.equal(sin, hf_sin)
-error = (cos[0, :, :32].double() - angles.cos()).abs().amax(-1)
+error = (cos[0, :, :pairs].double() - angles.cos()).abs().amax(-1)
 first = 128
 assert error[:first].max() < 1e-5
 # rounding inv_freq and the product each costs at most half an ulp, relative: a bound linear in the position
@@ -144,7 +145,7 @@ left.semilogy(2 * math.pi / inv_freq, marker=".")
 left.axhline(config.max_position_embeddings, color="gray", ls="--", label="32,768 positions")
 left.set(xlabel="pair i", ylabel="wavelength (positions)", title="2 pi / inv_freq")
 left.legend()
-image = right.imshow(cos[0, :256, :32].T, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, origin="lower", interpolation="nearest")
+image = right.imshow(cos[0, :256, :pairs].T, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, origin="lower", interpolation="nearest")
 right.set(xlabel="position", ylabel="pair i", title="cos(position x inv_freq)")
 fig.colorbar(image, ax=right)
 plt.show()
@@ -161,7 +162,8 @@ show_source(rotate_half)
 show_source(apply_rope)
 
 # %%
-q, k = torch.randn(1, 14, 9, 64), torch.randn(1, 2, 9, 64)
+q = torch.randn(1, config.num_attention_heads, 9, config.head_dim)
+k = torch.randn(1, config.num_key_value_heads, 9, config.head_dim)
 cos9, sin9 = rope_cos_sin(inv_freq, torch.arange(100, 109)[None])
 hf_q, hf_k = apply_rotary_pos_emb(q, k, cos9, sin9)
 ours_q, ours_k = apply_rope(q, cos9, sin9), apply_rope(k, cos9, sin9)
@@ -174,11 +176,11 @@ print("apply_rope == HF apply_rotary_pos_emb, bit for bit; norms kept")
 # only. Below, one query/key pair placed at every combination of 64 positions; each diagonal is constant.
 
 # %%
-one_q, one_k = torch.randn(64), torch.randn(64)
+one_q, one_k = torch.randn(config.head_dim), torch.randn(config.head_dim)
 grid = torch.arange(64)
 cos_grid, sin_grid = rope_cos_sin(inv_freq, grid[None])
-rotated_q = apply_rope(one_q.expand(1, 1, 64, 64), cos_grid, sin_grid)[0, 0]
-rotated_k = apply_rope(one_k.expand(1, 1, 64, 64), cos_grid, sin_grid)[0, 0]
+rotated_q = apply_rope(one_q.expand(1, 1, len(grid), -1), cos_grid, sin_grid)[0, 0]
+rotated_k = apply_rope(one_k.expand(1, 1, len(grid), -1), cos_grid, sin_grid)[0, 0]
 scores = rotated_q @ rotated_k.T
 for offset in (-20, 0, 7, 40):
     diagonal = scores.diagonal(offset)
@@ -205,12 +207,12 @@ def apply_rope_interleaved(x, angles):
 
 
 # interleaved channel order -> rotate-half order: evens first, then odds
-to_half = torch.cat([torch.arange(0, 64, 2), torch.arange(1, 64, 2)])
-print("rotate-half channel j holds interleaved channel", to_half[:4].tolist(), "...", to_half[32:36].tolist(), "...")
+to_half = torch.cat([torch.arange(0, config.head_dim, 2), torch.arange(1, config.head_dim, 2)])
+print("rotate-half channel j holds interleaved channel", to_half[:4].tolist(), "...", to_half[pairs : pairs + 4].tolist(), "...")
 
 positions9 = torch.arange(100, 109)
 angles9 = positions9[:, None].float() * inv_freq
-q1, k1 = torch.randn(9, 64), torch.randn(9, 64)
+q1, k1 = torch.randn(9, config.head_dim), torch.randn(9, config.head_dim)
 interleaved_scores = apply_rope_interleaved(q1, angles9) @ apply_rope_interleaved(k1, angles9).T
 cos_h, sin_h = rope_cos_sin(inv_freq, positions9[None])
 half_q = apply_rope(q1[None, None, :, to_half], cos_h, sin_h)[0, 0]
@@ -251,8 +253,8 @@ show_source(yarn_inv_freq)
 # %%
 # the layout of Qwen's released config.json files: rope_theta at the top, the card's rope_scaling beside it
 yarn_json = json.loads(model_path().joinpath("config.json").read_text())
-theta = yarn_json.pop("rope_parameters")["rope_theta"]
-yarn_json |= {"rope_theta": theta, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+yarn_json.pop("rope_parameters", None)  # how transformers 5 writes it; released files keep the older layout
+yarn_json |= {"rope_theta": config.rope_theta, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     hf_yarn_config = Qwen2Config(**copy.deepcopy(yarn_json))  # transformers edits the dicts it is given
@@ -282,7 +284,7 @@ plt.show()
 
 # %%
 kept, slowed = (ratio == 1).sum().item(), torch.isclose(ratio, torch.tensor(0.25)).sum().item()
-print(f"{kept} pairs kept, {slowed} slowed by 4, {32 - kept - slowed} blended")
+print(f"{kept} pairs kept, {slowed} slowed by 4, {pairs - kept - slowed} blended")
 assert kept > 0 and slowed > 0
 
 # %% [markdown]

@@ -29,7 +29,7 @@
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from helpers import DEVICE, DTYPE, diff_stats, diff_table, model_path, show_source, tokenizer
+from helpers import DEVICE, DTYPE, diff_stats, diff_table, model_path, show_source, tokenizer, tolerance
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
@@ -102,7 +102,7 @@ for name, (a, b) in rows.items():
     if "minqwen" in name:
         assert torch.equal(a, b), name
     else:
-        assert diff_stats(a, b)["max_rel"] <= 1e-6, name
+        assert diff_stats(a, b)["max_rel"] <= tolerance("elementwise"), name
 
 # %% [markdown]
 # ## Where the upcast happens, and what it buys

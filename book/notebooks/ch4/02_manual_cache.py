@@ -27,7 +27,7 @@ import time
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from helpers import (DEVICE, DTYPE, diff_table, golden_applies, hf_model, load_golden, model_path, show_figure,
+from helpers import (DEVICE, DTYPE, agree_up_to_a_near_tie, diff_stats, diff_table, golden_applies, hf_model, load_golden, model_path, show_figure,
                      show_source, tokenizer, tolerance)
 from transformers.utils import logging as hf_logging
 
@@ -120,7 +120,7 @@ static_ids, static_logits = prefill_then_decode(ours, prompt, static, steps)
 print(f"preallocated {static.keys.nbytes + static.values.nbytes:,} bytes for {static.capacity} positions; "
       f"{static.length} used")  # fmt: skip
 assert torch.equal(static_ids, ids) and static.keys.data_ptr() == storage
-torch.testing.assert_close(static_logits, step_logits, rtol=tolerance("forward"), atol=1e-4)
+assert diff_stats(static_logits, step_logits)["max_rel"] <= tolerance("forward")
 
 # %%
 try:
@@ -143,7 +143,9 @@ else:
 # - `minqwen.generate` driving the HF model;
 # - HF's own `generate()`, with the Instruct `generation_config` spelled out so it adds no repetition penalty.
 #
-# They must agree token for token, greedy and sampled with a seed. The loop of chapter 1 knows only argmax, so it
+# They must agree token for token, greedy and sampled with a seed. (In bfloat16, runs that round differently may
+# part where two tokens were within rounding of each other: the greedy check then accepts such a split and no
+# other, as chapter 4.3 explains, and of the sampled runs the two that share HF's forward must still agree.) The loop of chapter 1 knows only argmax, so it
 # joins the greedy runs. The uncached `generate` joins the sampled ones, where a slip in the cache would change
 # the draws too. No end token comes within 10 tokens here, so the loop of chapter 1, which knows none, runs the
 # same length.
@@ -182,10 +184,13 @@ runs = {
 pd.DataFrame({"text": {name: tok.decode(out[0, prompt.shape[1] :]) for name, out in runs.items()}})
 
 # %%
-outputs = list(runs.values())
-assert all(torch.equal(out, outputs[0]) for out in outputs[:4])
-assert all(torch.equal(out, outputs[4]) for out in outputs[4:])
-assert not torch.equal(outputs[0], outputs[4])  # sampling really sampled
+new_ids = {name: out[0, prompt.shape[1] :].tolist() for name, out in runs.items()}
+greedy_runs, sampled_runs = list(runs)[:4], list(runs)[4:]
+assert all(agree_up_to_a_near_tie(ours, prompt, new_ids[name], new_ids[greedy_runs[0]]) for name in greedy_runs)
+# a sampled split has no near-tie to point at; in bfloat16 only the two runs of HF's own forward must agree
+must_agree = sampled_runs if DTYPE == torch.float32 else sampled_runs[2:]
+assert all(new_ids[name] == new_ids[must_agree[0]] for name in must_agree)
+assert new_ids[greedy_runs[0]] != new_ids[sampled_runs[0]]  # sampling really sampled
 
 # %% [markdown]
 # The golden references were recorded by `pipeline()` in chapter 1, greedy, 48 new tokens each. Chapter 3 checks

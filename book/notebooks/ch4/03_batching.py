@@ -31,7 +31,7 @@
 # %%
 import pandas as pd
 import torch
-from helpers import DEVICE, DTYPE, hf_model, model_path, show_source, tokenizer, tolerance
+from helpers import DEVICE, DTYPE, agree_up_to_a_near_tie, hf_model, model_path, show_source, tokenizer, tolerance
 from transformers.utils import logging as hf_logging
 
 import minqwen
@@ -98,9 +98,13 @@ assert rel <= tolerance("forward")
 # `minqwen.generate` takes the mask. It decodes all rows together with the KV cache, extending the mask and the
 # positions by one each step. A row that reaches its end token is padded until the others finish, as
 # transformers does. Greedy decoding must give each row the same tokens as its prompt alone. So must HF's
-# `generate()` on the same padded batch, up to each row's end token. After that, the two pad finished rows with
-# different ids: HF uses the `pad_token_id` of its `generation_config`, while minqwen's `Qwen2` has no such
-# config and pads with its end token.
+# `generate()` on the same padded batch. Both pad a finished row with the `pad_token_id` of the checkpoint's
+# `generation_config.json`; the checks compare each row up to its end token, where its own tokens stop.
+#
+# In float32 the rows are equal exactly, on the CPU and on a GPU. In bfloat16 a padded batch rounds differently
+# from a row alone, so a row may part ways where its two best tokens were within rounding of each other
+# (`MINQWEN_DTYPE=bfloat16` with random weights, whose logits are nearly flat, shows it). The check accepts such a
+# split, and no other.
 
 # %%
 def new_tokens_of(row):
@@ -116,7 +120,7 @@ rows = []
 for r, question in enumerate(questions):
     prompt = ids[r : r + 1, mask[r].bool()]
     alone = minqwen.generate(ours, prompt, new_tokens)[0, prompt.shape[1] :].tolist()
-    assert new_tokens_of(batched[r]) == alone, (question, batched[r], alone)
+    assert agree_up_to_a_near_tie(ours, prompt, new_tokens_of(batched[r]), alone), (question, batched[r], alone)
     rows.append({"prompt": question, "tokens": len(alone), "batched = alone": new_tokens_of(batched[r]) == alone,
                  "answer": tok.decode(alone, skip_special_tokens=True)})  # fmt: skip
 pd.DataFrame(rows)
@@ -128,7 +132,8 @@ with torch.inference_mode():
                             temperature=None, top_k=None, top_p=None)  # fmt: skip
 same = [new_tokens_of(a) == new_tokens_of(b) for a, b in zip(batched, reference)]
 print("minqwen's rows equal HF generate()'s on the same batch:", same)
-assert all(same)
+assert all(agree_up_to_a_near_tie(ours, ids[r : r + 1, mask[r].bool()], new_tokens_of(batched[r]), new_tokens_of(reference[r]))
+           for r in range(len(questions)))  # fmt: skip
 
 # %% [markdown]
 # ## Sampling in a batch

@@ -28,7 +28,7 @@ import sys
 
 import pandas as pd
 import torch
-from helpers import DEVICE, DTYPE, MODEL_SOURCE, model_path, show_source, tokenizer
+from helpers import DEVICE, DTYPE, MODEL_SOURCE, is_book_model, model_path, show_source, tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import minqwen
@@ -117,8 +117,10 @@ print(answer.text)
 print("finish:", answer.finish_reason, "| tokens:", len(answer.token_ids))
 
 # %%
-assert not any(REPLACEMENT in p for p in pieces)
-assert answer.text == tok.decode(answer.token_ids, skip_special_tokens=True)
+# the pieces add up to the full decode: any U+FFFD shown is one the model's bytes really make (random weights do)
+assert "".join(pieces) == answer.text == tok.decode(answer.token_ids, skip_special_tokens=True)
+if is_book_model():
+    assert REPLACEMENT not in answer.text
 assert answer.finish_reason in ("eos", "length")
 
 # %% [markdown]
@@ -138,7 +140,8 @@ if "。" in answer.text:
 # %%
 brief = stream(ours, tok, chat_ids("Reply with just the word: yes"), 20)
 print(repr("".join(brief)), brief.finish_reason, brief.token_ids[-1], tok.convert_ids_to_tokens(brief.token_ids[-1]))
-assert brief.finish_reason == "eos" and brief.token_ids[-1] in ours.config.eos_token_ids
+if is_book_model():
+    assert brief.finish_reason == "eos" and brief.token_ids[-1] in ours.config.eos_token_ids
 
 # %% [markdown]
 # ## The command line
@@ -167,7 +170,8 @@ common = ["--model", MODEL_SOURCE, "--device", DEVICE, "--dtype", str(DTYPE).rem
 result = minqwen_cli("generate", "把“我喜欢编程”翻译成英文，再用中文解释一下。", "--max-new-tokens", "24", *common)
 print(result.stdout)
 assert result.returncode == 0 and result.stderr == "", result.stderr
-assert REPLACEMENT not in result.stdout and any("\u4e00" <= ch <= "\u9fff" for ch in result.stdout)
+if is_book_model():
+    assert REPLACEMENT not in result.stdout and any("\u4e00" <= ch <= "\u9fff" for ch in result.stdout)
 
 # %% [markdown]
 # A chat from a pipe. Each line is a turn, and the second question relies on the first answer.
@@ -175,7 +179,9 @@ assert REPLACEMENT not in result.stdout and any("\u4e00" <= ch <= "\u9fff" for c
 # %%
 result = minqwen_cli("chat", "--max-new-tokens", "16", "--stop", "\n", *common, stdin="我叫小明。\n我叫什么名字？\n")
 print(result.stdout)
-assert result.returncode == 0 and len(result.stdout.splitlines()) == 2 and "小明" in result.stdout.splitlines()[1]
+assert result.returncode == 0 and result.stderr == "", result.stderr
+if is_book_model():
+    assert len(result.stdout.splitlines()) == 2 and "小明" in result.stdout.splitlines()[1]
 
 # %% [markdown]
 # Bad input is one line on stderr and exit code 2, caught before the model loads.
