@@ -42,7 +42,6 @@ def code_cells(source: str) -> list[tuple[int, str]]:
 
 def run_one(notebook: Path) -> None:
     """Run every code cell of `notebook` in this process; on failure, name the cell and re-raise."""
-    sys.path[:0] = [str(BOOK), str(ROOT)]
     os.chdir(notebook.parent)
     namespace = {"__name__": "__main__"}
     for line, code in code_cells(notebook.read_text()):
@@ -55,7 +54,6 @@ def run_one(notebook: Path) -> None:
 
 
 def environment() -> str:
-    sys.path[:0] = [str(BOOK), str(ROOT)]
     import helpers
     import torch
     import transformers
@@ -73,6 +71,7 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=300, help="seconds per notebook")
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    sys.path[:0] = [str(BOOK), str(ROOT)]  # what a kernel started in the book would see
     if args.one:
         run_one(args.one.resolve())
         return 0

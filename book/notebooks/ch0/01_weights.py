@@ -153,8 +153,8 @@ meaning = {
 pd.DataFrame([{"field": k, "value": json.dumps(config.get(k)), "meaning": v} for k, v in meaning.items()]).set_index("field")
 
 # %% [markdown]
-# In the book's model two values deserve a note. `tie_word_embeddings` is false: the official 0.5B ties its LM head to the
-# embedding, but this GGUF carries its own `output.weight`, so our checkpoint keeps both. And `rms_norm_eps`
+# In the book's model two values deserve a note. `tie_word_embeddings` is false: the official 0.5B ties its LM head
+# to the embedding, but this GGUF carries its own `output.weight`, so our checkpoint keeps both. And `rms_norm_eps`
 # reads 9.999999974752427e-07: that is 1e-6 after a trip through float32 inside the GGUF.
 
 # %%

@@ -144,11 +144,11 @@ else:
 # - HF's own `generate()`, with the Instruct `generation_config` spelled out so it adds no repetition penalty.
 #
 # They must agree token for token, greedy and sampled with a seed. (In bfloat16, runs that round differently may
-# part where two tokens were within rounding of each other: the greedy check then accepts such a split and no
-# other, as chapter 4.3 explains, and of the sampled runs the two that share HF's forward must still agree.) The loop of chapter 1 knows only argmax, so it
-# joins the greedy runs. The uncached `generate` joins the sampled ones, where a slip in the cache would change
-# the draws too. No end token comes within 10 tokens here, so the loop of chapter 1, which knows none, runs the
-# same length.
+# part where two tokens were within rounding of each other: the greedy check then accepts such a split and no other,
+# as chapter 4.3 explains, and of the sampled runs the two that share HF's forward must still agree.) The loop of
+# chapter 1 knows only argmax, so it joins the greedy runs. The uncached `generate` joins the sampled ones, where a
+# slip in the cache would change the draws too. No end token comes within 10 tokens here, so the loop of chapter 1,
+# which knows none, runs the same length.
 
 # %%
 def chapter1_loop(model, ids, max_new_tokens):
