@@ -19,7 +19,7 @@ MATHJAX := book/_vendor/mathjax/tex-chtml.js
 LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
 LAB_ARGS ?=
 
-.PHONY: setup model test unit notebooks site site-check browser book execute lab clean
+.PHONY: setup model test lint unit notebooks site site-check browser book execute lab clean
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,8 +33,12 @@ setup: $(VENV)/.installed
 model: setup
 	$(PY) -m minqwen fetch $(MINQWEN_MODEL)
 
-## test: unit tests, every notebook re-executed against its committed outputs, the site built and checked
-test: unit notebooks site site-check
+## test: lint, unit tests, every notebook re-executed against its committed outputs, the site built and checked
+test: lint unit notebooks site site-check
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 unit: model
 	$(PY) -m pytest tests --ignore=tests/site
@@ -74,10 +78,7 @@ browser:
 book: execute site
 
 execute: model
-	@for nb in $(NOTEBOOKS); do \
-		echo "executing $$nb"; \
-		$(VENV)/bin/jupytext --to ipynb --execute $$nb || exit 1; \
-	done
+	$(PY) scripts/execute_notebooks.py $(NOTEBOOKS)
 
 # Double-clicking a .py notebook opens it as a notebook; jupytext keeps the .ipynb beside it paired on save.
 $(LAB_SETTINGS): $(VENV)/.installed

@@ -63,7 +63,10 @@ def tolerance(kind: str = "forward") -> float:
     alone) differed by up to 2.4e-2 on an H100 (book/data/gpu-runs.md), so whole-forward checks allow 5e-2, the
     budget chapter 3.6 sets for bfloat16 against float32.
     """
-    limits = {torch.float32: {"elementwise": 1e-6, "forward": 1e-5}, torch.bfloat16: {"elementwise": 1e-2, "forward": 5e-2}}
+    limits = {
+        torch.float32: {"elementwise": 1e-6, "forward": 1e-5},
+        torch.bfloat16: {"elementwise": 1e-2, "forward": 5e-2},
+    }
     return limits[DTYPE][kind]
 
 
@@ -78,7 +81,9 @@ def hf_model():
     from transformers import AutoModelForCausalLM
 
     path = model_path()
-    if DEVICE.startswith("cuda") and not fits_one_device(path, torch.cuda.get_device_properties(0).total_memory):
+    if DEVICE.startswith("cuda") and not fits_one_device(
+        path, torch.cuda.get_device_properties(0).total_memory
+    ):
         return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE, device_map="auto").eval()
     return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPE).to(DEVICE).eval()
 
@@ -99,7 +104,9 @@ def fits_one_device(path: Path, device_bytes: int) -> bool:
         need = memory_estimate(size, dtype)["total"]
     else:
         stored = DTYPE_BYTES[config.get("torch_dtype") or config.get("dtype") or "float32"]
-        need = sum(f.stat().st_size for f in path.glob("*.safetensors")) * DTYPE_BYTES[dtype] // stored
+        need = (
+            sum(f.stat().st_size for f in path.glob("*.safetensors")) * DTYPE_BYTES[dtype] // stored
+        )
     return need <= HEADROOM * device_bytes
 
 
@@ -137,7 +144,11 @@ def diff_stats(ours: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
         raise ValueError(f"shapes differ: {tuple(ours.shape)} vs {tuple(reference.shape)}")
     delta = (ours - reference).abs()
     scale = reference.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-    return {"max_abs": delta.max().item(), "max_rel": (delta.max() / scale).item(), "mean_abs": delta.mean().item()}
+    return {
+        "max_abs": delta.max().item(),
+        "max_rel": (delta.max() / scale).item(),
+        "mean_abs": delta.mean().item(),
+    }
 
 
 def diff_table(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> pd.DataFrame:
@@ -146,7 +157,9 @@ def diff_table(pairs: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> pd.DataFr
     return frame.map(lambda x: f"{x:.2e}")
 
 
-def agree_up_to_a_near_tie(model, prompt: torch.Tensor, tokens: list[int], reference: list[int]) -> bool:
+def agree_up_to_a_near_tie(
+    model, prompt: torch.Tensor, tokens: list[int], reference: list[int]
+) -> bool:
     """Whether two greedy continuations of `prompt` [1, T] are equal, or, in reduced precision, equal up to a step
     where their two choices were within rounding of each other under `model` (minqwen's or HF's).
 
@@ -159,10 +172,14 @@ def agree_up_to_a_near_tie(model, prompt: torch.Tensor, tokens: list[int], refer
         return len(tokens) == len(reference)
     if DTYPE == torch.float32:
         return False
-    context = torch.cat([prompt, torch.tensor([reference[:step]], dtype=prompt.dtype, device=prompt.device)], dim=1)
+    context = torch.cat(
+        [prompt, torch.tensor([reference[:step]], dtype=prompt.dtype, device=prompt.device)], dim=1
+    )
     with torch.inference_mode():
         output = model(context)
-    logits = getattr(output, "logits", output)[0, -1].float()  # an HF model returns an output object
+    logits = getattr(output, "logits", output)[
+        0, -1
+    ].float()  # an HF model returns an output object
     gap = (logits[tokens[step]] - logits[reference[step]]).abs()
     return bool(gap <= 2 * tolerance("forward") * logits.abs().max())
 

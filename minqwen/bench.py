@@ -36,8 +36,21 @@ from .model import Qwen2, hf_to_minqwen
 from .sizes import SIZES, qwen25_config
 
 IMPLS = ("hf-eager", "hf-static-compile", "minqwen-eager", "minqwen-fast")
-KEYS = ("run_id", "device", "model", "impl", "batch_size", "prompt_len", "new_tokens", "prefill_tok_s",
-        "decode_tok_s", "peak_mem_bytes", "torch", "transformers", "commit")  # fmt: skip
+KEYS = (
+    "run_id",
+    "device",
+    "model",
+    "impl",
+    "batch_size",
+    "prompt_len",
+    "new_tokens",
+    "prefill_tok_s",
+    "decode_tok_s",
+    "peak_mem_bytes",
+    "torch",
+    "transformers",
+    "commit",
+)
 BENCH_DIR = Path(__file__).resolve().parents[1] / "book" / "data" / "bench"
 DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
@@ -108,11 +121,17 @@ def _hf_generate(hf, static: bool):
     settings = GenerationConfig(do_sample=False, eos_token_id=None, pad_token_id=0)
     if static:
         settings.cache_implementation = "static"
-    hf.generation_config.eos_token_id = None  # fixed-length runs: a random model must not stop early
+    hf.generation_config.eos_token_id = (
+        None  # fixed-length runs: a random model must not stop early
+    )
 
     def run(ids, new_tokens):
-        return hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=settings,
-                           max_new_tokens=new_tokens)  # fmt: skip
+        return hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            generation_config=settings,
+            max_new_tokens=new_tokens,
+        )
 
     return run
 
@@ -142,16 +161,22 @@ def _timed(run, ids, new_tokens, device) -> float:
     _sync(device)
     elapsed = time.perf_counter() - start
     if out.shape != (ids.shape[0], ids.shape[1] + new_tokens):
-        raise RuntimeError(f"asked for {new_tokens} new tokens, got output {tuple(out.shape)} for prompt {tuple(ids.shape)}")  # fmt: skip
+        raise RuntimeError(
+            f"asked for {new_tokens} new tokens, got output {tuple(out.shape)} for prompt {tuple(ids.shape)}"
+        )
     return elapsed
 
 
 def measure(run, ids: torch.Tensor, new_tokens: int, *, repeats: int = 5, warmup: int = 1) -> dict:
     """prefill_tok_s, decode_tok_s and peak_mem_bytes of `run(ids, n) -> [batch, prompt + n]`, as the module says."""
     if new_tokens < 2:
-        raise ValueError(f"new_tokens must be at least 2 to time decoding apart from prefill, got {new_tokens}")
+        raise ValueError(
+            f"new_tokens must be at least 2 to time decoding apart from prefill, got {new_tokens}"
+        )
     if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}")
+        raise ValueError(
+            f"repeats must be >= 1 and warmup >= 0, got repeats={repeats}, warmup={warmup}"
+        )
     device = ids.device
     for _ in range(warmup):
         _timed(run, ids, 1, device)
@@ -166,7 +191,9 @@ def measure(run, ids: torch.Tensor, new_tokens: int, *, repeats: int = 5, warmup
         wholes.append(_timed(run, ids, new_tokens, device))
     first, whole = statistics.median(firsts), statistics.median(wholes)
     if whole <= first:
-        raise RuntimeError(f"timing noise swamped decoding ({new_tokens} tokens took {whole:.4f} s, 1 took {first:.4f} s); ask for more new tokens")  # fmt: skip
+        raise RuntimeError(
+            f"timing noise swamped decoding ({new_tokens} tokens took {whole:.4f} s, 1 took {first:.4f} s); ask for more new tokens"
+        )
     batch, prompt = ids.shape
     return {
         "prefill_tok_s": batch * prompt / first,
@@ -183,7 +210,13 @@ def weight_bytes_per_step(config: ModelConfig, dtype_bytes: int) -> int:
     only as a tied head; looking up a few rows of it costs nothing)."""
     hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
     qkv_out = (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim
-    layer = hidden * qkv_out + qkv_out + config.num_attention_heads * head_dim * hidden + 3 * hidden * inter + 2 * hidden
+    layer = (
+        hidden * qkv_out
+        + qkv_out
+        + config.num_attention_heads * head_dim * hidden
+        + 3 * hidden * inter
+        + 2 * hidden
+    )
     return (config.num_hidden_layers * layer + hidden + config.vocab_size * hidden) * dtype_bytes
 
 
@@ -194,18 +227,44 @@ def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int) -> int:
 def prefill_flops(config: ModelConfig, batch: int, prompt: int) -> int:
     """Matrix-product FLOPs of a prefill: the projections for every token, causal attention, the head once a row."""
     matmul_params = weight_bytes_per_step(config, 1) - config.vocab_size * config.hidden_size
-    attention = 2 * 2 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * prompt * (prompt + 1) // 2
-    return batch * (2 * prompt * matmul_params + attention + 2 * config.vocab_size * config.hidden_size)
+    attention = (
+        2
+        * 2
+        * config.num_hidden_layers
+        * config.num_attention_heads
+        * config.head_dim
+        * prompt
+        * (prompt + 1)
+        // 2
+    )
+    return batch * (
+        2 * prompt * matmul_params + attention + 2 * config.vocab_size * config.hidden_size
+    )
 
 
-def roofline(config: ModelConfig, batch: int, prompt: int, new_tokens: int, dtype_bytes: int,
-             copy_bytes_per_s: float, matmul_flops_per_s: float) -> dict:  # fmt: skip
+def roofline(
+    config: ModelConfig,
+    batch: int,
+    prompt: int,
+    new_tokens: int,
+    dtype_bytes: int,
+    copy_bytes_per_s: float,
+    matmul_flops_per_s: float,
+) -> dict:
     """The fastest prefill and decode the two measured rates allow for one cell."""
     weights = weight_bytes_per_step(config, dtype_bytes)
     mean_context = prompt + new_tokens / 2
-    decode_step_s = (weights + batch * mean_context * kv_bytes_per_token(config, dtype_bytes)) / copy_bytes_per_s
-    prefill_s = max(prefill_flops(config, batch, prompt) / matmul_flops_per_s, weights / copy_bytes_per_s)
-    return {"prefill_tok_s": batch * prompt / prefill_s, "decode_tok_s": batch / decode_step_s, "peak_mem_bytes": None}
+    decode_step_s = (
+        weights + batch * mean_context * kv_bytes_per_token(config, dtype_bytes)
+    ) / copy_bytes_per_s
+    prefill_s = max(
+        prefill_flops(config, batch, prompt) / matmul_flops_per_s, weights / copy_bytes_per_s
+    )
+    return {
+        "prefill_tok_s": batch * prompt / prefill_s,
+        "decode_tok_s": batch / decode_step_s,
+        "peak_mem_bytes": None,
+    }
 
 
 def copy_bandwidth(device, nbytes: int | None = None, repeats: int = 10) -> float:
@@ -272,16 +331,41 @@ def current_commit() -> str:
     """The checkout's commit, marked +dirty when files differ from it; "unknown" outside a git checkout."""
     root = Path(__file__).resolve().parents[1]
     try:
-        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{sha}+dirty" if dirty else sha
 
 
-def run_bench(cells: list[Cell], *, new_tokens: int = 128, repeats: int = 5, warmup: int = 1, device="cpu",
-              dtype=torch.bfloat16, output: Path | None = None, run_id: str | None = None, commit: str | None = None,
-              bucket: int = 256, deadline_s: float | None = None, progress: bool = True, log=print) -> list[dict]:  # fmt: skip
+def run_bench(
+    cells: list[Cell],
+    *,
+    new_tokens: int = 128,
+    repeats: int = 5,
+    warmup: int = 1,
+    device="cpu",
+    dtype=torch.bfloat16,
+    output: Path | None = None,
+    run_id: str | None = None,
+    commit: str | None = None,
+    bucket: int = 256,
+    deadline_s: float | None = None,
+    progress: bool = True,
+    log=print,
+) -> list[dict]:
     """Measure every cell, append one JSON line per cell (and one roofline line per model/batch/prompt) to
     `output`, and return the records. A cell that fails (out of memory, say) is logged and skipped; cells not
     started before `deadline_s` seconds are skipped too, so a time-limited run still writes what it finished."""
@@ -290,9 +374,13 @@ def run_bench(cells: list[Cell], *, new_tokens: int = 128, repeats: int = 5, war
 
     device = torch.device(device)
     if new_tokens < 2:
-        raise ValueError(f"new_tokens must be at least 2 to time decoding apart from prefill, got {new_tokens}")
+        raise ValueError(
+            f"new_tokens must be at least 2 to time decoding apart from prefill, got {new_tokens}"
+        )
     if "hf-static-compile" in {c.impl for c in cells} and device.type != "cuda":
-        raise ValueError("hf-static-compile compiles only on a GPU (transformers skips compilation on a CPU); drop it from the impls")  # fmt: skip
+        raise ValueError(
+            "hf-static-compile compiles only on a GPU (transformers skips compilation on a CPU); drop it from the impls"
+        )
     if dtype not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPE_BYTES))}, got {dtype}")
     transformers.logging.set_verbosity_error()
@@ -307,13 +395,24 @@ def run_bench(cells: list[Cell], *, new_tokens: int = 128, repeats: int = 5, war
         "dtype": str(dtype).removeprefix("torch."),
     }
     copy_bw, matmul = copy_bandwidth(device), matmul_rate(device, dtype)
-    log(f"measured: copy {copy_bw / 1e9:.0f} GB/s, {str(dtype).removeprefix('torch.')} matmul {matmul / 1e9:,.0f} GFLOP/s")
+    log(
+        f"measured: copy {copy_bw / 1e9:.0f} GB/s, {str(dtype).removeprefix('torch.')} matmul {matmul / 1e9:,.0f} GFLOP/s"
+    )
     records = []
 
     def emit(cell_model, impl, batch, prompt, numbers):
-        record = {**common, "model": model_label(cell_model), "impl": impl, "batch_size": batch, "prompt_len": prompt,
-                  "new_tokens": new_tokens, **numbers, "weights": "random" if cell_model in SIZES else "checkpoint",
-                  "copy_bytes_per_s": copy_bw, "matmul_flops_per_s": matmul}  # fmt: skip
+        record = {
+            **common,
+            "model": model_label(cell_model),
+            "impl": impl,
+            "batch_size": batch,
+            "prompt_len": prompt,
+            "new_tokens": new_tokens,
+            **numbers,
+            "weights": "random" if cell_model in SIZES else "checkpoint",
+            "copy_bytes_per_s": copy_bw,
+            "matmul_flops_per_s": matmul,
+        }
         records.append(record)
         if output is not None:
             output.parent.mkdir(parents=True, exist_ok=True)
@@ -326,7 +425,9 @@ def run_bench(cells: list[Cell], *, new_tokens: int = 128, repeats: int = 5, war
         hf = load_hf(model_name, device, dtype)
         config = ModelConfig.from_dict(hf.config.to_dict(), source=model_name)
         for batch, prompt in dict.fromkeys((c.batch_size, c.prompt_len) for c in mine):
-            numbers = roofline(config, batch, prompt, new_tokens, DTYPE_BYTES[dtype], copy_bw, matmul)
+            numbers = roofline(
+                config, batch, prompt, new_tokens, DTYPE_BYTES[dtype], copy_bw, matmul
+            )
             emit(model_name, "roofline", batch, prompt, numbers)
         ours = fast = None
         for impl in IMPLS:
@@ -342,24 +443,31 @@ def run_bench(cells: list[Cell], *, new_tokens: int = 128, repeats: int = 5, war
                 from .fast import FastQwen2
 
                 fast, ours = FastQwen2(ours, bucket=bucket), None
-            run = {
-                "hf-eager": lambda: _hf_generate(hf, static=False),
-                "hf-static-compile": lambda: _hf_generate(hf, static=True),
-                "minqwen-eager": lambda: _minqwen_eager(ours),
-                "minqwen-fast": lambda: _minqwen_fast(fast),
-            }[impl]()
+            if impl.startswith("hf"):
+                run = _hf_generate(hf, static=impl == "hf-static-compile")
+            else:
+                run = _minqwen_fast(fast) if impl == "minqwen-fast" else _minqwen_eager(ours)
             for cell in todo:
                 bar.set_postfix_str(cell.key)
                 if deadline_s is not None and time.perf_counter() - started > deadline_s:
                     log(f"skipped {cell.key}: past the {deadline_s:.0f} s deadline")
                     bar.update()
                     continue
-                generator = torch.Generator().manual_seed(cell.batch_size * 100_003 + cell.prompt_len)
-                ids = torch.randint(0, min(config.vocab_size, 150_000), (cell.batch_size, cell.prompt_len), generator=generator).to(device)
+                generator = torch.Generator().manual_seed(
+                    cell.batch_size * 100_003 + cell.prompt_len
+                )
+                ids = torch.randint(
+                    0,
+                    min(config.vocab_size, 150_000),
+                    (cell.batch_size, cell.prompt_len),
+                    generator=generator,
+                ).to(device)
                 try:
                     numbers = measure(run, ids, new_tokens, repeats=repeats, warmup=warmup)
                 except (RuntimeError, torch.OutOfMemoryError) as error:
-                    log(f"failed {cell.key}: {type(error).__name__}: {str(error).splitlines()[0][:300]}")
+                    log(
+                        f"failed {cell.key}: {type(error).__name__}: {str(error).splitlines()[0][:300]}"
+                    )
                     numbers = None
                 finally:
                     del ids
@@ -367,7 +475,9 @@ def run_bench(cells: list[Cell], *, new_tokens: int = 128, repeats: int = 5, war
                         torch.cuda.empty_cache()
                 if numbers is not None:
                     emit(model_name, impl, cell.batch_size, cell.prompt_len, numbers)
-                    log(f"{cell.key}: prefill {numbers['prefill_tok_s']:,.0f} tok/s, decode {numbers['decode_tok_s']:,.1f} tok/s")  # fmt: skip
+                    log(
+                        f"{cell.key}: prefill {numbers['prefill_tok_s']:,.0f} tok/s, decode {numbers['decode_tok_s']:,.1f} tok/s"
+                    )
                 bar.update()
             run = None
         del hf, ours, fast
@@ -386,25 +496,50 @@ def _int_list(text: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",")]
     except ValueError:
-        raise ValueError(f"expected comma-separated integers such as 1,4,16, got {text!r}") from None
+        raise ValueError(
+            f"expected comma-separated integers such as 1,4,16, got {text!r}"
+        ) from None
 
 
 def add_arguments(parser) -> None:
     """The options of `python -m minqwen bench`."""
-    parser.add_argument("--models", default="0.5B", help="comma-separated sizes (random weights, real config) or fetch sources, e.g. 0.5B,7B or embedded")  # fmt: skip
-    parser.add_argument("--impls", default=None, help=f"comma-separated, from {','.join(IMPLS)} (default: all that run on the device)")  # fmt: skip
+    parser.add_argument(
+        "--models",
+        default="0.5B",
+        help="comma-separated sizes (random weights, real config) or fetch sources, e.g. 0.5B,7B or embedded",
+    )
+    parser.add_argument(
+        "--impls",
+        default=None,
+        help=f"comma-separated, from {','.join(IMPLS)} (default: all that run on the device)",
+    )
     parser.add_argument("--batches", default="1,4,16,64")
     parser.add_argument("--prompts", default="128,2048")
-    parser.add_argument("--skip", action="append", default=[], help="model/impl/batch/prompt pattern to leave out, e.g. '7B/hf-eager/64/2048' (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        help="model/impl/batch/prompt pattern to leave out, e.g. '7B/hf-eager/64/2048' (repeatable)",
+    )
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="bfloat16 on a GPU, float32 on a CPU by default")
-    parser.add_argument("--out", default=None, help="JSON-lines file to append to (default book/data/bench/<device>-<date>.jsonl)")  # fmt: skip
-    parser.add_argument("--run-id", default=None, help="share one run id between several invocations")
+    parser.add_argument(
+        "--dtype", default=None, help="bfloat16 on a GPU, float32 on a CPU by default"
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="JSON-lines file to append to (default book/data/bench/<device>-<date>.jsonl)",
+    )
+    parser.add_argument(
+        "--run-id", default=None, help="share one run id between several invocations"
+    )
     parser.add_argument("--commit", default=None, help="commit to record (default: read from git)")
-    parser.add_argument("--deadline", type=float, default=None, help="seconds after which no new cell starts")
+    parser.add_argument(
+        "--deadline", type=float, default=None, help="seconds after which no new cell starts"
+    )
     parser.add_argument("--no-progress", action="store_true")
 
 
@@ -415,13 +550,27 @@ def cli(args) -> int:
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if not isinstance(getattr(torch, dtype_name, None), torch.dtype):
         raise ValueError(f"--dtype {dtype_name!r} is not a torch dtype; use bfloat16 or float32")
-    default_impls = IMPLS if device.type == "cuda" else tuple(i for i in IMPLS if i != "hf-static-compile")
+    default_impls = (
+        IMPLS if device.type == "cuda" else tuple(i for i in IMPLS if i != "hf-static-compile")
+    )
     impls = args.impls.split(",") if args.impls else default_impls
-    cells = plan(args.models.split(","), impls, _int_list(args.batches), _int_list(args.prompts), args.skip)
+    cells = plan(
+        args.models.split(","), impls, _int_list(args.batches), _int_list(args.prompts), args.skip
+    )
     output = Path(args.out) if args.out else default_output(device)
-    run_bench(cells, new_tokens=args.new_tokens, repeats=args.repeats, warmup=args.warmup, device=device,
-              dtype=getattr(torch, dtype_name), output=output, run_id=args.run_id, commit=args.commit,
-              deadline_s=args.deadline, progress=not args.no_progress)  # fmt: skip
+    run_bench(
+        cells,
+        new_tokens=args.new_tokens,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        device=device,
+        dtype=getattr(torch, dtype_name),
+        output=output,
+        run_id=args.run_id,
+        commit=args.commit,
+        deadline_s=args.deadline,
+        progress=not args.no_progress,
+    )
     print(f"wrote {output}")
     return 0
 
@@ -430,6 +579,8 @@ if __name__ == "__main__":
     import argparse
     import sys
 
-    parser = argparse.ArgumentParser(prog="python -m minqwen.bench", description="prefill and decode tok/s, side by side")  # fmt: skip
+    parser = argparse.ArgumentParser(
+        prog="python -m minqwen.bench", description="prefill and decode tok/s, side by side"
+    )
     add_arguments(parser)
     sys.exit(cli(parser.parse_args()))

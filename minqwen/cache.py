@@ -18,7 +18,9 @@ class DynamicKVCache:
         self.values: list[torch.Tensor | None] = [None] * num_layers
         self.length = 0
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.keys[layer] is not None:
             k = torch.cat([self.keys[layer], k], dim=2)
             v = torch.cat([self.values[layer], v], dim=2)
@@ -33,7 +35,9 @@ class DynamicKVCache:
 class StaticKVCache:
     """Preallocated for `max_len` positions: writes go into place, nothing is reallocated while decoding."""
 
-    def __init__(self, num_layers, batch, kv_heads, max_len, head_dim, dtype=torch.float32, device="cpu"):
+    def __init__(
+        self, num_layers, batch, kv_heads, max_len, head_dim, dtype=torch.float32, device="cpu"
+    ):
         shape = (num_layers, batch, kv_heads, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -42,16 +46,28 @@ class StaticKVCache:
     @classmethod
     def for_model(cls, model, batch: int, max_len: int) -> StaticKVCache:
         c, weight = model.config, model.embed_tokens.weight
-        return cls(c.num_hidden_layers, batch, c.num_key_value_heads, max_len, c.head_dim, weight.dtype, weight.device)
+        return cls(
+            c.num_hidden_layers,
+            batch,
+            c.num_key_value_heads,
+            max_len,
+            c.head_dim,
+            weight.dtype,
+            weight.device,
+        )
 
     @property
     def capacity(self) -> int:
         return self.keys.shape[3]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         end = self.length + k.shape[2]
         if end > self.capacity:
-            raise ValueError(f"the KV cache holds {self.capacity} positions; writing up to {end} overflows it")
+            raise ValueError(
+                f"the KV cache holds {self.capacity} positions; writing up to {end} overflows it"
+            )
         self.keys[layer, :, :, self.length : end] = k
         self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]

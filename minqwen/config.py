@@ -57,17 +57,26 @@ class ModelConfig:
     def from_dict(cls, raw: dict, source: str = "config") -> ModelConfig:
         missing = [key for key in _REQUIRED if key not in raw]
         if missing:
-            raise ConfigError(f"{source} lacks {', '.join(missing)}; a Qwen2 config.json needs all of {', '.join(_REQUIRED)}")
+            raise ConfigError(
+                f"{source} lacks {', '.join(missing)}; a Qwen2 config.json needs all of {', '.join(_REQUIRED)}"
+            )
         if raw.get("model_type", "qwen2") != "qwen2":
-            raise ConfigError(f"{source} is model_type {raw['model_type']!r}; minqwen runs Qwen2 / Qwen2.5 (qwen2) only")
+            raise ConfigError(
+                f"{source} is model_type {raw['model_type']!r}; minqwen runs Qwen2 / Qwen2.5 (qwen2) only"
+            )
         if raw.get("use_sliding_window", False):
             raise ConfigError(
                 f"{source} sets use_sliding_window=true; minqwen implements full attention only. Set it to false "
                 f"(every released Qwen2.5 model does)"
             )
         if raw.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"{source} sets hidden_act={raw['hidden_act']!r}; Qwen2's MLP is SwiGLU with silu")
-        if raw["hidden_size"] % raw["num_attention_heads"] or raw["num_attention_heads"] % raw["num_key_value_heads"]:
+            raise ConfigError(
+                f"{source} sets hidden_act={raw['hidden_act']!r}; Qwen2's MLP is SwiGLU with silu"
+            )
+        if (
+            raw["hidden_size"] % raw["num_attention_heads"]
+            or raw["num_attention_heads"] % raw["num_key_value_heads"]
+        ):
             raise ConfigError(
                 f"{source}: hidden_size {raw['hidden_size']} must be a multiple of num_attention_heads "
                 f"{raw['num_attention_heads']}, and num_attention_heads a multiple of num_key_value_heads "
@@ -79,7 +88,9 @@ class ModelConfig:
                 f"{source} sets head_dim={raw['head_dim']}, but minqwen derives head_dim as hidden_size / "
                 f"num_attention_heads = {head_dim}, as every Qwen2.5 model does"
             )
-        windowed = sorted({kind for kind in raw.get("layer_types") or () if kind != "full_attention"})
+        windowed = sorted(
+            {kind for kind in raw.get("layer_types") or () if kind != "full_attention"}
+        )
         if windowed:
             raise ConfigError(
                 f"{source} lists layer_types {windowed}; minqwen implements full_attention layers only"
@@ -102,14 +113,22 @@ class ModelConfig:
         if path.is_dir():
             path = path / "config.json"
         if not path.is_file():
-            raise ConfigError(f"{path} does not exist; pass a checkpoint folder that holds config.json")
+            raise ConfigError(
+                f"{path} does not exist; pass a checkpoint folder that holds config.json"
+            )
         raw = json.loads(path.read_text())
         generation = path.with_name("generation_config.json")
         if generation.is_file():
             # As in transformers' generate(): generation_config.json decides which tokens end a reply and which
             # token pads finished rows (Instruct models stop on <|im_end|> and <|endoftext|>).
             defaults = json.loads(generation.read_text())
-            raw.update({k: defaults[k] for k in ("eos_token_id", "pad_token_id") if defaults.get(k) is not None})
+            raw.update(
+                {
+                    k: defaults[k]
+                    for k in ("eos_token_id", "pad_token_id")
+                    if defaults.get(k) is not None
+                }
+            )
         return cls.from_dict(raw, source=str(path))
 
 
@@ -124,9 +143,15 @@ def _rope(raw: dict, source: str) -> tuple[float, dict | None]:
     theta = scaling.get("rope_theta", parameters.get("rope_theta", raw.get("rope_theta")))
     if theta is None:
         # transformers would fall back to 1e4 here, Qwen2.5 was trained with 1e6: neither guess is safe
-        raise ConfigError(f"{source} sets no rope_theta (top level or in rope_parameters); Qwen2.5 uses 1000000.0")
+        raise ConfigError(
+            f"{source} sets no rope_theta (top level or in rope_parameters); Qwen2.5 uses 1000000.0"
+        )
     # A legacy rope_scaling replaces rope_parameters' scaling, as in transformers; only rope_theta carries over.
-    merged = {key: value for key, value in (scaling or parameters).items() if key not in ("rope_theta", "type")}
+    merged = {
+        key: value
+        for key, value in (scaling or parameters).items()
+        if key not in ("rope_theta", "type")
+    }
     rope_type = merged.pop("rope_type", (scaling or parameters).get("type", "default"))
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(
@@ -139,7 +164,11 @@ def _rope(raw: dict, source: str) -> tuple[float, dict | None]:
         merged.get("original_max_position_embeddings") or raw["max_position_embeddings"],
     )
     if merged.get("factor") is None:
-        merged["factor"] = raw["max_position_embeddings"] / merged["original_max_position_embeddings"]
+        merged["factor"] = (
+            raw["max_position_embeddings"] / merged["original_max_position_embeddings"]
+        )
     if merged["factor"] < 1:
-        raise ConfigError(f"{source}: YaRN factor {merged['factor']} is below 1; YaRN only stretches the context")
+        raise ConfigError(
+            f"{source}: YaRN factor {merged['factor']} is below 1; YaRN only stretches the context"
+        )
     return float(theta), {"rope_type": rope_type, **merged}

@@ -31,7 +31,6 @@ from .layers import rms_norm
 from .model import Qwen2
 from .rope import apply_rope, rope_cos_sin
 
-
 # Reading the finished flags back is a host sync, so it happens this often, not every token.
 FINISHED_CHECK_EVERY = 16
 
@@ -92,7 +91,9 @@ def _project(x, w: LayerWeights, s: Shape):
     """q, k, v [batch, seq, heads or kv_heads, head_dim] from the normed input, before RoPE."""
     batch, seq, _ = x.shape
     qkv = linear(rms_norm(x, w.input_norm, s.eps), w.qkv_weight, w.qkv_bias)
-    q, k, v = qkv.split([s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1)
+    q, k, v = qkv.split(
+        [s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim], dim=-1
+    )
     return (
         q.view(batch, seq, s.heads, s.head_dim),
         k.view(batch, seq, s.kv_heads, s.head_dim),
@@ -116,7 +117,9 @@ def prefill_layer(x, cos, sin, mask, keys, values, w: LayerWeights, s: Shape):
     values[:, :, :seq] = v
     groups = s.heads // s.kv_heads
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1)
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1
+    )
     return _finish(x, out.transpose(1, 2).reshape(batch, seq, -1), w, s)
 
 
@@ -155,9 +158,32 @@ def greedy_token(x, norm_weight, lm_head_weight, eps: float):
     return logits.float().argmax(dim=-1)
 
 
-def finish_step(x, norm_weight, lm_head_weight, eps: float, token, position, slot, finished, is_eos, pad, generated, step):  # fmt: skip
+def finish_step(
+    x,
+    norm_weight,
+    lm_head_weight,
+    eps: float,
+    token,
+    position,
+    slot,
+    finished,
+    is_eos,
+    pad,
+    generated,
+    step,
+):
     """Choose the next token and move every counter on by one, all on the device."""
-    advance(greedy_token(x, norm_weight, lm_head_weight, eps), token, position, slot, finished, is_eos, pad, generated, step)  # fmt: skip
+    advance(
+        greedy_token(x, norm_weight, lm_head_weight, eps),
+        token,
+        position,
+        slot,
+        finished,
+        is_eos,
+        pad,
+        generated,
+        step,
+    )
 
 
 def advance(new, token, position, slot, finished, is_eos, pad, generated, step) -> None:
@@ -177,22 +203,45 @@ class _DecodeState:
     def __init__(self, fast: FastQwen2, batch: int, capacity: int):
         c, device = fast.config, fast.device
         cache_shape = (batch, c.num_key_value_heads, capacity, c.head_dim)
-        self.keys = [torch.zeros(cache_shape, dtype=fast.dtype, device=device) for _ in range(c.num_hidden_layers)]
-        self.values = [torch.zeros(cache_shape, dtype=fast.dtype, device=device) for _ in range(c.num_hidden_layers)]
-        self.token = torch.zeros(batch, dtype=torch.long, device=device)  # the token this step feeds in
+        self.keys = [
+            torch.zeros(cache_shape, dtype=fast.dtype, device=device)
+            for _ in range(c.num_hidden_layers)
+        ]
+        self.values = [
+            torch.zeros(cache_shape, dtype=fast.dtype, device=device)
+            for _ in range(c.num_hidden_layers)
+        ]
+        self.token = torch.zeros(
+            batch, dtype=torch.long, device=device
+        )  # the token this step feeds in
         self.position = torch.zeros(batch, dtype=torch.long, device=device)  # its RoPE position
-        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # the cache slot its key and value go to
-        self.key_is_real = torch.ones(batch, capacity, dtype=torch.bool, device=device)  # False on left padding
+        self.slot = torch.zeros(
+            1, dtype=torch.long, device=device
+        )  # the cache slot its key and value go to
+        self.key_is_real = torch.ones(
+            batch, capacity, dtype=torch.bool, device=device
+        )  # False on left padding
         self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
         self.is_eos = torch.zeros(c.vocab_size, dtype=torch.bool, device=device)
         self.pad = torch.zeros(1, dtype=torch.long, device=device)
         self.generated = torch.zeros(batch, capacity, dtype=torch.long, device=device)
-        self.step = torch.zeros(1, dtype=torch.long, device=device)  # column of `generated` written next
+        self.step = torch.zeros(
+            1, dtype=torch.long, device=device
+        )  # column of `generated` written next
         self.graph: torch.cuda.CUDAGraph | None = None
 
     def counters(self) -> tuple[torch.Tensor, ...]:
         """The arguments of `advance` after the new token, in order."""
-        return self.token, self.position, self.slot, self.finished, self.is_eos, self.pad, self.generated, self.step
+        return (
+            self.token,
+            self.position,
+            self.slot,
+            self.finished,
+            self.is_eos,
+            self.pad,
+            self.generated,
+            self.step,
+        )
 
 
 class FastQwen2:
@@ -206,16 +255,22 @@ class FastQwen2:
 
     def __init__(self, model: Qwen2, *, bucket: int = 256, use_graphs: bool | None = None):
         if not isinstance(model, Qwen2):
-            raise ValueError(f"FastQwen2 wraps a minqwen Qwen2, got {type(model).__name__}; load one with Qwen2.from_pretrained")  # fmt: skip
+            raise ValueError(
+                f"FastQwen2 wraps a minqwen Qwen2, got {type(model).__name__}; load one with Qwen2.from_pretrained"
+            )
         if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1:
-            raise ValueError(f"bucket must be a positive int (cache positions per bucket), got {bucket!r}")
+            raise ValueError(
+                f"bucket must be a positive int (cache positions per bucket), got {bucket!r}"
+            )
         self.config = c = model.config
         self.embedding = model.embed_tokens.weight
         self.device, self.dtype = self.embedding.device, self.embedding.dtype
         if use_graphs is None:
             use_graphs = self.device.type == "cuda"
         if use_graphs and self.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need the model on a CUDA device, it is on {self.device}; pass use_graphs=False")  # fmt: skip
+            raise ValueError(
+                f"CUDA graphs need the model on a CUDA device, it is on {self.device}; pass use_graphs=False"
+            )
         self.use_graphs, self.bucket = use_graphs, bucket
         with torch.no_grad():
             self.layers = [fuse_layer(layer) for layer in model.layers]
@@ -231,7 +286,11 @@ class FastQwen2:
             self._decode_layer = torch.compile(decode_layer, fullgraph=True, options=options)
             self._finish_step = torch.compile(finish_step, fullgraph=True, options=options)
         else:
-            self._step_inputs, self._decode_layer, self._finish_step = step_inputs, decode_layer, finish_step
+            self._step_inputs, self._decode_layer, self._finish_step = (
+                step_inputs,
+                decode_layer,
+                finish_step,
+            )
         self._state: _DecodeState | None = None
 
     def capacity_for(self, total: int) -> int:
@@ -316,11 +375,19 @@ class FastQwen2:
 
     def _step(self, state: _DecodeState) -> None:
         x, cos, sin, visible = self._step_inputs(
-            state.token, state.position, state.slot, state.key_is_real, self.embedding, self.inv_freq, self.rope_scale
+            state.token,
+            state.position,
+            state.slot,
+            state.key_is_real,
+            self.embedding,
+            self.inv_freq,
+            self.rope_scale,
         )
         for w, keys, values in zip(self.layers, state.keys, state.values):
             x = self._decode_layer(x, cos, sin, visible, state.slot, keys, values, w, self.shape)
-        self._finish_step(x, self.norm_weight, self.lm_head_weight, self.shape.eps, *state.counters())
+        self._finish_step(
+            x, self.norm_weight, self.lm_head_weight, self.shape.eps, *state.counters()
+        )
 
     def _prefill(self, state: _DecodeState, input_ids, attention_mask, eos_ids: list[int]) -> None:
         batch, prompt = input_ids.shape
@@ -342,7 +409,10 @@ class FastQwen2:
         if eos_ids:
             state.is_eos[eos_ids] = True
             state.pad.fill_(eos_ids[0])
-        advance(greedy_token(x, self.norm_weight, self.lm_head_weight, self.shape.eps), *state.counters())
+        advance(
+            greedy_token(x, self.norm_weight, self.lm_head_weight, self.shape.eps),
+            *state.counters(),
+        )
 
 
 def _all_finished_at(new_tokens: torch.Tensor, eos_ids: list[int]) -> int | None:
@@ -354,7 +424,9 @@ def _all_finished_at(new_tokens: torch.Tensor, eos_ids: list[int]) -> int | None
 
 
 @torch.inference_mode()
-def greedy_agreement(model: Qwen2, fast: FastQwen2, input_ids, max_new_tokens: int, *, attention_mask=None) -> list[dict]:
+def greedy_agreement(
+    model: Qwen2, fast: FastQwen2, input_ids, max_new_tokens: int, *, attention_mask=None
+) -> list[dict]:
     """Compare the fast path's greedy tokens with the eager loop's, row by row.
 
     For each row: `same`, the number of leading new tokens that agree; and where they part, how far apart the two
@@ -364,7 +436,9 @@ def greedy_agreement(model: Qwen2, fast: FastQwen2, input_ids, max_new_tokens: i
     """
     from .generate import generate
 
-    eager = generate(model, input_ids, max_new_tokens, attention_mask=attention_mask, eos_token_id=[])
+    eager = generate(
+        model, input_ids, max_new_tokens, attention_mask=attention_mask, eos_token_id=[]
+    )
     ours = fast.generate(input_ids, max_new_tokens, attention_mask=attention_mask, eos_token_id=[])
     prompt = input_ids.shape[1]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
@@ -372,13 +446,20 @@ def greedy_agreement(model: Qwen2, fast: FastQwen2, input_ids, max_new_tokens: i
     for row in range(input_ids.shape[0]):
         differs = (eager[row, prompt:] != ours[row, prompt:]).nonzero()
         same = int(differs[0]) if len(differs) else max_new_tokens
-        result = {"row": row, "same": same, "eager": eager[row, prompt:].tolist(), "fast": ours[row, prompt:].tolist()}
+        result = {
+            "row": row,
+            "same": same,
+            "eager": eager[row, prompt:].tolist(),
+            "fast": ours[row, prompt:].tolist(),
+        }
         if same < max_new_tokens:
             real = mask[row].bool()
             prefix = torch.cat([input_ids[row][real], eager[row, prompt : prompt + same]])[None]
             logits = model(prefix, logits_to_keep=1)[0, -1]
             top, theirs = logits[eager[row, prompt + same]], logits[ours[row, prompt + same]]
-            spacing = torch.finfo(logits.dtype).eps * 2.0 ** torch.floor(torch.log2(top.abs().float()))
+            spacing = torch.finfo(logits.dtype).eps * 2.0 ** torch.floor(
+                torch.log2(top.abs().float())
+            )
             result.update(gap=float(top - theirs), gap_ulps=float((top - theirs).float() / spacing))
         rows.append(result)
     return rows

@@ -44,7 +44,9 @@ def generate_tokens(
     sampling = SamplingConfig(do_sample, temperature, top_k, top_p, min_p, repetition_penalty)
     attention_mask = check_inputs(model, input_ids, attention_mask, max_new_tokens)
     eos_ids, pad_id = stop_tokens(model, eos_token_id)
-    return _decode(model, input_ids, attention_mask, max_new_tokens, sampling, seed, eos_ids, pad_id, use_cache)
+    return _decode(
+        model, input_ids, attention_mask, max_new_tokens, sampling, seed, eos_ids, pad_id, use_cache
+    )
 
 
 def generate(
@@ -68,10 +70,20 @@ def generate(
     Fewer than `max_new_tokens` come back when every row has reached an end token.
     """
     steps = generate_tokens(
-        model, input_ids, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, attention_mask=attention_mask,
-        eos_token_id=eos_token_id, use_cache=use_cache,
-    )  # fmt: skip
+        model,
+        input_ids,
+        max_new_tokens,
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        attention_mask=attention_mask,
+        eos_token_id=eos_token_id,
+        use_cache=use_cache,
+    )
     new_tokens = [token[:, None] for token in steps]
     return torch.cat([input_ids, *new_tokens], dim=1)
 
@@ -79,14 +91,22 @@ def generate(
 def stop_tokens(model, eos_token_id: int | list[int] | None = None) -> tuple[list[int], int | None]:
     """The end tokens to stop on and the id that pads finished rows, resolved as transformers resolves them."""
     if eos_token_id is None:
-        eos_token_id = model.config.eos_token_ids if isinstance(model, Qwen2) else model.generation_config.eos_token_id
+        eos_token_id = (
+            model.config.eos_token_ids
+            if isinstance(model, Qwen2)
+            else model.generation_config.eos_token_id
+        )
     if eos_token_id is None:
         eos_ids = []
     elif isinstance(eos_token_id, int):
         eos_ids = [eos_token_id]
     else:
         eos_ids = [int(i) for i in eos_token_id]
-    pad_id = model.config.pad_token_id if isinstance(model, Qwen2) else model.generation_config.pad_token_id
+    pad_id = (
+        model.config.pad_token_id
+        if isinstance(model, Qwen2)
+        else model.generation_config.pad_token_id
+    )
     if pad_id is None and eos_ids:
         pad_id = eos_ids[0]
     return eos_ids, pad_id
@@ -94,9 +114,17 @@ def stop_tokens(model, eos_token_id: int | list[int] | None = None) -> tuple[lis
 
 def check_inputs(model, input_ids, attention_mask, max_new_tokens: int) -> torch.Tensor:
     """Reject what would fail or silently mislead later; return the attention mask (all ones when none given)."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+    if (
+        isinstance(max_new_tokens, bool)
+        or not isinstance(max_new_tokens, int)
+        or max_new_tokens < 0
+    ):
         raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.dtype != torch.long:
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.dtype != torch.long
+    ):
         raise ValueError(
             "input_ids must be a 2-D LongTensor [batch, prompt]; for a single prompt use ids.unsqueeze(0), "
             f"got {type(input_ids).__name__} {getattr(input_ids, 'shape', '')}".rstrip()
@@ -105,7 +133,9 @@ def check_inputs(model, input_ids, attention_mask, max_new_tokens: int) -> torch
     if batch == 0:
         raise ValueError("the batch is empty (input_ids has 0 rows); pass at least one prompt")
     if prompt == 0:
-        raise ValueError("the prompt is empty (input_ids has 0 columns); a model needs at least one token to continue")
+        raise ValueError(
+            "the prompt is empty (input_ids has 0 columns); a model needs at least one token to continue"
+        )
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     elif attention_mask.shape != input_ids.shape:
@@ -136,12 +166,22 @@ def check_inputs(model, input_ids, attention_mask, max_new_tokens: int) -> torch
 def _last_logits(model, ids, attention_mask, positions, cache) -> torch.Tensor:
     """float32 logits of each row's last position, [batch, vocab]. `attention_mask` None means no padding."""
     if isinstance(model, Qwen2):
-        logits = model(ids, attention_mask=attention_mask, position_ids=positions, cache=cache, logits_to_keep=1)
+        logits = model(
+            ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            cache=cache,
+            logits_to_keep=1,
+        )
     else:
         logits = model(
-            input_ids=ids, attention_mask=attention_mask, position_ids=positions, past_key_values=cache,
-            use_cache=cache is not None, logits_to_keep=1,
-        ).logits  # fmt: skip
+            input_ids=ids,
+            attention_mask=attention_mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=cache is not None,
+            logits_to_keep=1,
+        ).logits
     return logits[:, -1].float()
 
 
@@ -159,7 +199,9 @@ def _step(model, ids, attention_mask, positions, cache, sequence, sampling, igno
     return select_next_token(process_logits(logits, sequence, sampling, ignore_before), sampling)
 
 
-def _decode(model, input_ids, attention_mask, max_new_tokens, sampling, seed, eos_ids, pad_id, use_cache):
+def _decode(
+    model, input_ids, attention_mask, max_new_tokens, sampling, seed, eos_ids, pad_id, use_cache
+):
     if seed is not None:
         torch.manual_seed(seed)
     device = input_ids.device
@@ -175,7 +217,9 @@ def _decode(model, input_ids, attention_mask, max_new_tokens, sampling, seed, eo
 
     sequence, step_ids, step_positions = input_ids, input_ids, positions
     for _ in range(max_new_tokens):
-        next_tokens = _step(model, step_ids, mask, step_positions, cache, sequence, sampling, ignore_before)
+        next_tokens = _step(
+            model, step_ids, mask, step_positions, cache, sequence, sampling, ignore_before
+        )
         if eos_ids:
             next_tokens = torch.where(unfinished, next_tokens, pad_id)
         sequence = torch.cat([sequence, next_tokens[:, None]], dim=1)

@@ -87,7 +87,9 @@ def kv_cache_bytes_per_token(size: str, dtype: str = "bfloat16") -> int:
     return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * _dtype_bytes(dtype)
 
 
-def memory_estimate(size: str, dtype: str = "bfloat16", context: int = 4096, batch: int = 1) -> dict[str, int]:
+def memory_estimate(
+    size: str, dtype: str = "bfloat16", context: int = 4096, batch: int = 1
+) -> dict[str, int]:
     """Bytes to run `size` at `context` tokens for `batch` sequences.
 
     Activations are those of one prefill pass with the widest tensors alive at once: the residual stream, q/k/v,
@@ -95,20 +97,30 @@ def memory_estimate(size: str, dtype: str = "bfloat16", context: int = 4096, bat
     logits for the whole prompt).
     """
     if context < 1 or batch < 1:
-        raise ValueError(f"context and batch must be positive, got context={context}, batch={batch}")
+        raise ValueError(
+            f"context and batch must be positive, got context={context}, batch={batch}"
+        )
     c = qwen25_config(size)
     nbytes = _dtype_bytes(dtype)
     weights = parameter_count(size) * nbytes
     kv_cache = kv_cache_bytes_per_token(size, dtype) * context * batch
     per_token = 4 * c["hidden_size"] + 2 * c["intermediate_size"]
     activations = batch * context * per_token * nbytes + batch * c["vocab_size"] * 4
-    return {"weights": weights, "kv_cache": kv_cache, "activations": activations,
-            "total": weights + kv_cache + activations}  # fmt: skip
+    return {
+        "weights": weights,
+        "kv_cache": kv_cache,
+        "activations": activations,
+        "total": weights + kv_cache + activations,
+    }
 
 
 def recommend_size(
     available_bytes: int, dtype: str = "bfloat16", context: int = 4096, batch: int = 1
 ) -> str | None:
     """The largest Qwen2.5 size whose estimate fits in `HEADROOM` of `available_bytes`, or None if none does."""
-    fitting = [s for s in SIZES if memory_estimate(s, dtype, context, batch)["total"] <= HEADROOM * available_bytes]
+    fitting = [
+        s
+        for s in SIZES
+        if memory_estimate(s, dtype, context, batch)["total"] <= HEADROOM * available_bytes
+    ]
     return fitting[-1] if fitting else None

@@ -48,7 +48,11 @@ class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.heads, self.kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.heads, self.kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
         self.q_proj = nn.Linear(config.hidden_size, self.heads * self.head_dim, bias=True)
         self.k_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=True)
         self.v_proj = nn.Linear(config.hidden_size, self.kv_heads * self.head_dim, bias=True)
@@ -64,7 +68,9 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)
         groups = self.heads // self.kv_heads
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1
+        )
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
 

@@ -34,7 +34,9 @@ class Qwen2(nn.Module):
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, i) for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -51,7 +53,9 @@ class Qwen2(nn.Module):
         self._init_rope(self.embed_tokens.weight.device)
         return self
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep: int = 0):
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep: int = 0
+    ):
         """Logits [batch, seq, vocab] (or the last `logits_to_keep` positions).
 
         `attention_mask` [batch, past + seq] marks real tokens with 1 and padding with 0; positions default to
@@ -63,7 +67,9 @@ class Qwen2(nn.Module):
             if attention_mask is not None:
                 position_ids = positions_from_mask(attention_mask)[:, past : past + seq]
             else:
-                position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(batch, -1)
+                position_ids = torch.arange(past, past + seq, device=input_ids.device).expand(
+                    batch, -1
+                )
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(self.inv_freq, position_ids, self.rope_scale, x.dtype)
         mask = self.attention_mask(seq, past, attention_mask, x.device)
@@ -91,7 +97,12 @@ class Qwen2(nn.Module):
         return allowed
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ):
         path = Path(path)
         config = ModelConfig.from_file(path)
         with torch.device("meta"):
@@ -122,7 +133,9 @@ def hf_to_minqwen(name: str) -> str:
         return name
     if name.startswith("model."):
         return name.removeprefix("model.")
-    raise LoadError(f"unexpected tensor {name!r}: Qwen2 checkpoints name everything model.* or lm_head.weight")
+    raise LoadError(
+        f"unexpected tensor {name!r}: Qwen2 checkpoints name everything model.* or lm_head.weight"
+    )
 
 
 def minqwen_to_hf(name: str) -> str:
@@ -136,14 +149,20 @@ def _safetensors_files(path: Path) -> list[Path]:
         return [path / n for n in names]
     files = sorted(path.glob("*.safetensors"))
     if not files:
-        raise LoadError(f"{path} holds no *.safetensors file; fetch the checkpoint with minqwen.fetch")
+        raise LoadError(
+            f"{path} holds no *.safetensors file; fetch the checkpoint with minqwen.fetch"
+        )
     return files
 
 
 def _check_state(state: dict, expected: dict, path: Path) -> None:
     missing = sorted(set(expected) - set(state), key=_natural)
     unexpected = sorted(set(state) - set(expected), key=_natural)
-    wrong = [f"{n}: file {tuple(state[n].shape)} vs config {expected[n]}" for n in sorted(set(state) & set(expected), key=_natural) if tuple(state[n].shape) != expected[n]]  # fmt: skip
+    wrong = [
+        f"{n}: file {tuple(state[n].shape)} vs config {expected[n]}"
+        for n in sorted(set(state) & set(expected), key=_natural)
+        if tuple(state[n].shape) != expected[n]
+    ]
     problems = []
     if missing:
         problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}")

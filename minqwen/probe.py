@@ -62,7 +62,9 @@ class DiffRow:
     mean_abs: float
 
 
-def diff_row(hf_name: str, minqwen_name: str, ours: torch.Tensor, reference: torch.Tensor) -> DiffRow:
+def diff_row(
+    hf_name: str, minqwen_name: str, ours: torch.Tensor, reference: torch.Tensor
+) -> DiffRow:
     if ours.shape != reference.shape:
         raise ProbeError(
             f"{minqwen_name} returned shape {tuple(ours.shape)} but HF's {hf_name} returned {tuple(reference.shape)}"
@@ -70,15 +72,35 @@ def diff_row(hf_name: str, minqwen_name: str, ours: torch.Tensor, reference: tor
     ours, reference = ours.detach().double().cpu(), reference.detach().double().cpu()
     delta = (ours - reference).abs()
     scale = reference.abs().max().clamp_min(torch.finfo(torch.float64).tiny)
-    return DiffRow(hf_name, minqwen_name, tuple(reference.shape), delta.max().item(), (delta.max() / scale).item(), delta.mean().item())  # fmt: skip
+    return DiffRow(
+        hf_name,
+        minqwen_name,
+        tuple(reference.shape),
+        delta.max().item(),
+        (delta.max() / scale).item(),
+        delta.mean().item(),
+    )
 
 
 def format_table(rows: Sequence[DiffRow]) -> str:
     """The rows as a fixed-width text table, numbers in 3-digit scientific notation."""
     header = ("HF module", "minqwen module", "shape", "max abs", "max rel", "mean abs")
-    lines = [(r.hf, r.minqwen, "x".join(map(str, r.shape)), f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.mean_abs:.2e}") for r in rows]  # fmt: skip
+    lines = [
+        (
+            r.hf,
+            r.minqwen,
+            "x".join(map(str, r.shape)),
+            f"{r.max_abs:.2e}",
+            f"{r.max_rel:.2e}",
+            f"{r.mean_abs:.2e}",
+        )
+        for r in rows
+    ]
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in [header, *lines])
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+        for line in [header, *lines]
+    )
 
 
 def first_divergence(rows: Sequence[DiffRow], max_rel: float) -> DiffRow | None:
@@ -94,7 +116,9 @@ def hf_module_to_minqwen(name: str) -> str:
         return ""
     if name.startswith("model."):
         return name.removeprefix("model.")
-    raise ProbeError(f"HF module {name!r} has no counterpart in minqwen: Qwen2 modules are named model.* or lm_head")
+    raise ProbeError(
+        f"HF module {name!r} has no counterpart in minqwen: Qwen2 modules are named model.* or lm_head"
+    )
 
 
 def _submodule(root: nn.Module, name: str, what: str) -> nn.Module:
@@ -103,7 +127,11 @@ def _submodule(root: nn.Module, name: str, what: str) -> nn.Module:
     except AttributeError:
         names = [n for n, _ in root.named_modules()]
         close = difflib.get_close_matches(name, names, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; it has {', '.join(names[:6])}, ..."
+        hint = (
+            f"; did you mean {', '.join(close)}?"
+            if close
+            else f"; it has {', '.join(names[:6])}, ..."
+        )
         raise ProbeError(f"{what} has no module named {name!r}{hint}") from None
 
 
@@ -126,7 +154,10 @@ def _encode(value, key: str, tensors: dict, layer: int = 0) -> dict:
         return {"value": value}
     if hasattr(value, "get_seq_length"):
         # A KV cache: what matters for replay is whether it already held positions when the module ran.
-        return {"object": type(value).__name__, "cached_positions": int(value.get_seq_length(layer))}
+        return {
+            "object": type(value).__name__,
+            "cached_positions": int(value.get_seq_length(layer)),
+        }
     return {"object": type(value).__name__}
 
 
@@ -148,7 +179,9 @@ def _layer_index(module: nn.Module) -> int:
     return getattr(attention, "layer_idx", 0)
 
 
-def record(root: nn.Module, modules: str | Sequence[str], path: str | Path, *args, **kwargs) -> Path:
+def record(
+    root: nn.Module, modules: str | Sequence[str], path: str | Path, *args, **kwargs
+) -> Path:
     """Run `root(*args, **kwargs)` once and save each named submodule's inputs and output to `path`.
 
     `modules` are names from `root.named_modules()` ("model.layers.0", "model.layers.3.mlp", ...; "" is `root`
@@ -159,7 +192,9 @@ def record(root: nn.Module, modules: str | Sequence[str], path: str | Path, *arg
         raise ProbeError("record needs at least one module name, e.g. 'model.layers.0'")
     targets = {name: _submodule(root, name, type(root).__name__) for name in names}
     tensors: dict[str, torch.Tensor] = {}
-    calls: dict[str, dict] = {name: {"kind": type(module).__name__, "calls": 0} for name, module in targets.items()}
+    calls: dict[str, dict] = {
+        name: {"kind": type(module).__name__, "calls": 0} for name, module in targets.items()
+    }
 
     def before(name):
         def hook(module, hook_args, hook_kwargs):
@@ -188,7 +223,9 @@ def record(root: nn.Module, modules: str | Sequence[str], path: str | Path, *arg
             handle.remove()
     for name, call in calls.items():
         if call["calls"] != 1:
-            raise ProbeError(f"{name or type(root).__name__} ran {call['calls']} times in one forward; record needs exactly one call")  # fmt: skip
+            raise ProbeError(
+                f"{name or type(root).__name__} ran {call['calls']} times in one forward; record needs exactly one call"
+            )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, path, metadata={"probe": json.dumps({"format": FORMAT, "modules": calls})})
@@ -199,18 +236,30 @@ def load_recording(path: str | Path) -> dict[str, Recording]:
     """Every module recorded in `path`, by HF module name."""
     path = Path(path)
     if not path.is_file():
-        raise ProbeError(f"{path} does not exist; write it first with minqwen.probe.record(model, names, path, ...)")
+        raise ProbeError(
+            f"{path} does not exist; write it first with minqwen.probe.record(model, names, path, ...)"
+        )
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except Exception as error:  # safetensors raises its own error types for a damaged or foreign file
+    except (
+        Exception
+    ) as error:  # safetensors raises its own error types for a damaged or foreign file
         raise ProbeError(f"{path} is not a readable safetensors file: {error}") from None
     meta = json.loads(metadata.get("probe", "{}"))
     if meta.get("format") != FORMAT:
-        raise ProbeError(f"{path} is a safetensors file but not a probe recording; write one with minqwen.probe.record")
+        raise ProbeError(
+            f"{path} is a safetensors file but not a probe recording; write one with minqwen.probe.record"
+        )
     return {
-        name: Recording(name, call["kind"], _decode(call["args"], tensors), _decode(call["kwargs"], tensors), _decode(call["output"], tensors))  # fmt: skip
+        name: Recording(
+            name,
+            call["kind"],
+            _decode(call["args"], tensors),
+            _decode(call["kwargs"], tensors),
+            _decode(call["output"], tensors),
+        )
         for name, call in meta["modules"].items()
     }
 
@@ -254,7 +303,9 @@ def _no_past(rec: Recording) -> None:
 
 def _check_width(tensor: torch.Tensor, width: int, what: str, target: str) -> None:
     if tensor.shape[-1] != width:
-        raise ProbeError(f"recorded {what} has last dimension {tensor.shape[-1]}, but minqwen's {target} expects {width}")
+        raise ProbeError(
+            f"recorded {what} has last dimension {tensor.shape[-1]}, but minqwen's {target} expects {width}"
+        )
 
 
 def _replay_decoder_layer(target: DecoderLayer, rec: Recording, name: str):
@@ -290,7 +341,9 @@ def _replay_single_input(width: Callable[[nn.Module], int]):
 def _replay_embedding(target: nn.Embedding, rec: Recording, name: str):
     ids = _argument(rec, "input")
     if ids.numel() and int(ids.max()) >= target.num_embeddings:
-        raise ProbeError(f"recorded token id {int(ids.max())} is outside minqwen's {name} ({target.num_embeddings} rows)")
+        raise ProbeError(
+            f"recorded token id {int(ids.max())} is outside minqwen's {name} ({target.num_embeddings} rows)"
+        )
     return target(ids), rec.output, None
 
 
@@ -333,16 +386,28 @@ def replay(path: str | Path, ours: nn.Module, names: dict[str, str] | None = Non
         target = _submodule(ours, our_name, f"minqwen's {type(ours).__name__}")
         expected, adapter = _ADAPTERS[rec.kind]
         if not isinstance(target, expected):
-            raise ProbeError(f"HF's {hf_name} is a {rec.kind} but minqwen's {our_name!r} is a {type(target).__name__}, not a {expected.__name__}")  # fmt: skip
+            raise ProbeError(
+                f"HF's {hf_name} is a {rec.kind} but minqwen's {our_name!r} is a {type(target).__name__}, not a {expected.__name__}"
+            )
         plan.append((hf_name, our_name, target, adapter, rec))
     rows = []
     for hf_name, our_name, target, adapter, rec in plan:
         parameter = next(target.parameters())
-        rec = Recording(rec.module, rec.kind, *(_to(v, parameter.device, parameter.dtype) for v in (rec.args, rec.kwargs, rec.output)))  # fmt: skip
+        rec = Recording(
+            rec.module,
+            rec.kind,
+            *(
+                _to(v, parameter.device, parameter.dtype)
+                for v in (rec.args, rec.kwargs, rec.output)
+            ),
+        )
         with torch.no_grad():
             ours_out, reference, keep = adapter(target, rec, our_name or type(target).__name__)
         if keep is not None and ours_out.shape == reference.shape:
-            ours_out, reference = ours_out[keep.to(ours_out.device)], reference[keep.to(reference.device)]
+            ours_out, reference = (
+                ours_out[keep.to(ours_out.device)],
+                reference[keep.to(reference.device)],
+            )
         rows.append(diff_row(hf_name, our_name, ours_out, reference))
     return rows
 
@@ -350,7 +415,9 @@ def replay(path: str | Path, ours: nn.Module, names: dict[str, str] | None = Non
 # --- whole forward, layer by layer -------------------------------------------------------------------------------
 
 
-def capture_outputs(root: nn.Module, modules: Sequence[str], *args, **kwargs) -> dict[str, torch.Tensor]:
+def capture_outputs(
+    root: nn.Module, modules: Sequence[str], *args, **kwargs
+) -> dict[str, torch.Tensor]:
     """Run `root(*args, **kwargs)` and return the output of each named submodule (the first element of a tuple)."""
     targets = {name: _submodule(root, name, type(root).__name__) for name in modules}
     outputs: dict[str, torch.Tensor] = {}
@@ -371,7 +438,12 @@ def capture_outputs(root: nn.Module, modules: Sequence[str], *args, **kwargs) ->
     return outputs
 
 
-def compare_layers(hf_model: nn.Module, ours: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[DiffRow]:  # fmt: skip
+def compare_layers(
+    hf_model: nn.Module,
+    ours: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+) -> list[DiffRow]:
     """Run HF's Qwen2ForCausalLM and minqwen's Qwen2 on the same tokens; diff embedding, each layer, norm, logits.
 
     With an `attention_mask`, positions count real tokens only (as in generation) and only real tokens are compared:
@@ -380,18 +452,35 @@ def compare_layers(hf_model: nn.Module, ours: nn.Module, input_ids: torch.Tensor
     hf_layers = _submodule(hf_model, "model.layers", "the HF model (a Qwen2ForCausalLM)")
     layers = len(_submodule(ours, "layers", "minqwen's model (a Qwen2)"))
     if len(hf_layers) != layers:
-        raise ProbeError(f"HF's model has {len(hf_layers)} decoder layers and minqwen's {layers}: they are different models")  # fmt: skip
+        raise ProbeError(
+            f"HF's model has {len(hf_layers)} decoder layers and minqwen's {layers}: they are different models"
+        )
     if input_ids.dim() != 2:
         raise ProbeError(f"input_ids must be [batch, seq], got shape {tuple(input_ids.shape)}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ProbeError(f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")  # fmt: skip
+        raise ProbeError(
+            f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids {tuple(input_ids.shape)}"
+        )
     pairs = [("model.embed_tokens", "embed_tokens")]
     pairs += [(f"model.layers.{i}", f"layers.{i}") for i in range(layers)]
     pairs += [("model.norm", "norm"), ("lm_head", "lm_head")]
     # Both models get the same positions: HF would otherwise count left padding as positions, shifting RoPE.
     positions = None if attention_mask is None else positions_from_mask(attention_mask)
-    hf_out = capture_outputs(hf_model, [h for h, _ in pairs], input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=False)  # fmt: skip
-    our_out = capture_outputs(ours, [o for _, o in pairs], input_ids, attention_mask=attention_mask, position_ids=positions)  # fmt: skip
+    hf_out = capture_outputs(
+        hf_model,
+        [h for h, _ in pairs],
+        input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+        use_cache=False,
+    )
+    our_out = capture_outputs(
+        ours,
+        [o for _, o in pairs],
+        input_ids,
+        attention_mask=attention_mask,
+        position_ids=positions,
+    )
     real = None if attention_mask is None else attention_mask.bool().cpu()
     rows = []
     for hf_name, our_name in pairs:

@@ -15,7 +15,9 @@ def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
     return 1.0 / (theta**exponents)
 
 
-def yarn_inv_freq(head_dim: int, theta: float, scaling: dict, max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+def yarn_inv_freq(
+    head_dim: int, theta: float, scaling: dict, max_position_embeddings: int
+) -> tuple[torch.Tensor, float]:
     """YaRN: interpolate the slow channels by `factor`, keep the fast ones, blend linearly in between.
 
     `scaling` holds `factor` and `original_max_position_embeddings` (the pre-training context), and optionally
@@ -64,12 +66,17 @@ def _yarn_attention_factor(scaling: dict, factor: float) -> float:
 def rope_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """Frequencies and cos/sin scale for a config: plain RoPE, or YaRN when rope_scaling asks for it."""
     if config.rope_type == "yarn":
-        return yarn_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)
+        return yarn_inv_freq(
+            config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings
+        )
     return default_inv_freq(config.head_dim, config.rope_theta), 1.0
 
 
 def rope_cos_sin(
-    inv_freq: torch.Tensor, position_ids: torch.Tensor, scale: float = 1.0, dtype: torch.dtype = torch.float32
+    inv_freq: torch.Tensor,
+    position_ids: torch.Tensor,
+    scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of angle = position x frequency, each [batch, seq, head_dim], computed in float32.
 

@@ -37,7 +37,9 @@ class SamplingConfig:
         if not 0 <= self.min_p <= 1:
             raise ValueError(f"min_p must be in [0, 1] (0 turns min-p off), got {self.min_p}")
         if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}")
+            raise ValueError(
+                f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}"
+            )
 
     @property
     def greedy(self) -> bool:
@@ -45,7 +47,10 @@ class SamplingConfig:
 
 
 def apply_repetition_penalty(
-    logits: torch.Tensor, previous_ids: torch.Tensor, penalty: float, ignore_before: torch.Tensor | None = None
+    logits: torch.Tensor,
+    previous_ids: torch.Tensor,
+    penalty: float,
+    ignore_before: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Make every token already in `previous_ids` less likely: divide a positive logit by `penalty`, multiply a
     negative one. Each token is penalised once however often it appeared.
@@ -112,7 +117,9 @@ def process_logits(
     """
     scores = logits
     if config.repetition_penalty != 1.0:
-        scores = apply_repetition_penalty(scores, previous_ids, config.repetition_penalty, ignore_before)
+        scores = apply_repetition_penalty(
+            scores, previous_ids, config.repetition_penalty, ignore_before
+        )
     if config.greedy:
         return scores
     if config.temperature != 1.0:

@@ -43,7 +43,9 @@ def check_size(size: str) -> str:
 
 def qwen25_config(size: str, instruct: bool = True) -> dict:
     """The config.json of Qwen2.5-<size>(-Instruct), as a dict HF's Qwen2Config accepts."""
-    hidden, intermediate, layers, heads, kv_heads, vocab, tied, max_pos, rms_eps = _TABLE[check_size(size)]
+    hidden, intermediate, layers, heads, kv_heads, vocab, tied, max_pos, rms_eps = _TABLE[
+        check_size(size)
+    ]
     return {
         "architectures": ["Qwen2ForCausalLM"],
         "model_type": "qwen2",
@@ -85,5 +87,13 @@ def parameter_count(size: str) -> int:
 
 def released_size(config: dict) -> str | None:
     """The Qwen2.5 size whose shape a config.json dict has (None for any other shape, such as a tiny test model)."""
-    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_key_value_heads", "vocab_size")
-    return next((s for s in SIZES if all(qwen25_config(s)[k] == config.get(k) for k in shape)), None)
+    shape = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_key_value_heads",
+        "vocab_size",
+    )
+    return next(
+        (s for s in SIZES if all(qwen25_config(s)[k] == config.get(k) for k in shape)), None
+    )

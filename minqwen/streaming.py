@@ -70,7 +70,10 @@ class StopMatcher:
         if hits:
             safe, self.pending, self.stopped = self.pending[: min(hits)], "", True
             return safe
-        held = max((n for s in self.stop for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
+        held = max(
+            (n for s in self.stop for n in range(1, len(s)) if self.pending.endswith(s[:n])),
+            default=0,
+        )
         cut = len(self.pending) - held
         safe, self.pending = self.pending[:cut], self.pending[cut:]
         return safe
@@ -88,7 +91,11 @@ class Stream:
     """
 
     def __init__(
-        self, tokens: Iterator[torch.Tensor], detokenizer: Detokenizer, eos_ids: set[int], stop: Sequence[str]
+        self,
+        tokens: Iterator[torch.Tensor],
+        detokenizer: Detokenizer,
+        eos_ids: set[int],
+        stop: Sequence[str],
     ):
         self._tokens = tokens
         self._detokenizer = detokenizer
@@ -150,7 +157,9 @@ def stream(
     input_ids = _as_batch_of_one(tokenizer, prompt_or_ids)
     eos_ids = _eos_ids(model, tokenizer) if eos_token_id is None else _as_id_set(eos_token_id)
     device = next(model.parameters()).device
-    tokens = generate_tokens(model, input_ids.to(device), max_new_tokens, eos_token_id=sorted(eos_ids), **sampling)
+    tokens = generate_tokens(
+        model, input_ids.to(device), max_new_tokens, eos_token_id=sorted(eos_ids), **sampling
+    )
     return Stream(tokens, Detokenizer(tokenizer, skip_special_tokens), eos_ids, stop)
 
 
@@ -166,7 +175,9 @@ def _as_batch_of_one(tokenizer, prompt_or_ids) -> torch.Tensor:
             f"stream() takes one prompt, got a batch of {ids.shape[0]}; call minqwen.generate.generate for batches"
         )
     if ids.dim() not in (1, 2) or ids.numel() == 0:
-        raise ValueError(f"prompt ids must be a non-empty list, 1-D or [1, seq] tensor, got shape {tuple(ids.shape)}")
+        raise ValueError(
+            f"prompt ids must be a non-empty list, 1-D or [1, seq] tensor, got shape {tuple(ids.shape)}"
+        )
     return ids.reshape(1, -1)
 
 

@@ -35,7 +35,11 @@ def bytes_to_unicode() -> dict[int, str]:
     U+0100 onward in byte order, so a space is spelled ``Ġ`` (U+0120) and a newline ``Ċ`` (U+010A). Every token
     in the vocabulary is a string over these 256 characters.
     """
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    printable = [
+        *range(ord("!"), ord("~") + 1),
+        *range(ord("¡"), ord("¬") + 1),
+        *range(ord("®"), ord("ÿ") + 1),
+    ]
     table = {byte: chr(byte) for byte in printable}
     shifted = 0
     for byte in range(256):
@@ -78,7 +82,9 @@ class BPETokenizer:
         self.added_by_id = {t.id: t for t in added_tokens}
         # Longest first, so that a token that is a prefix of another never wins the match.
         alternatives = sorted(self.added_tokens, key=len, reverse=True)
-        self.added_pattern = regex.compile("|".join(map(regex.escape, alternatives))) if alternatives else None
+        self.added_pattern = (
+            regex.compile("|".join(map(regex.escape, alternatives))) if alternatives else None
+        )
         self.normalization = normalization
         self.byte_to_char = bytes_to_unicode()
         self.char_to_byte = {char: byte for byte, char in self.byte_to_char.items()}
@@ -92,16 +98,24 @@ class BPETokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
-            raise ValueError(f"no tokenizer.json at {path}; pass a checkpoint folder or the file itself")
+            raise ValueError(
+                f"no tokenizer.json at {path}; pass a checkpoint folder or the file itself"
+            )
         spec = json.loads(path.read_text(encoding="utf-8"))
         model = spec.get("model", {})
         if model.get("type") != "BPE":
-            raise ValueError(f"{path} holds a {model.get('type')!r} model; only byte-level BPE is supported")
+            raise ValueError(
+                f"{path} holds a {model.get('type')!r} model; only byte-level BPE is supported"
+            )
         pattern = _split_pattern(spec.get("pre_tokenizer"))
         if pattern is None:
-            raise ValueError(f"{path} has no Split(regex) + ByteLevel pre-tokenizer; it is not a Qwen2-style file")
+            raise ValueError(
+                f"{path} has no Split(regex) + ByteLevel pre-tokenizer; it is not a Qwen2-style file"
+            )
         merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-        added = [AddedToken(t["content"], t["id"], t["special"]) for t in spec.get("added_tokens", [])]
+        added = [
+            AddedToken(t["content"], t["id"], t["special"]) for t in spec.get("added_tokens", [])
+        ]
         return cls(model["vocab"], merges, pattern, added, normalization)
 
     def __len__(self) -> int:
@@ -123,7 +137,10 @@ class BPETokenizer:
         """The words BPE sees, spelled in the byte-level alphabet (no added-token handling)."""
         if self.normalization:
             text = unicodedata.normalize(self.normalization, text)
-        return ["".join(self.byte_to_char[b] for b in word.encode("utf-8")) for word in self.pattern.findall(text)]
+        return [
+            "".join(self.byte_to_char[b] for b in word.encode("utf-8"))
+            for word in self.pattern.findall(text)
+        ]
 
     def bpe(self, word: str) -> list[str]:
         """Merge one byte-level word: always the adjacent pair of lowest rank, every occurrence left to right."""
@@ -164,7 +181,10 @@ class BPETokenizer:
 
     def tokens(self, ids: list[int]) -> list[str]:
         """The vocabulary strings of ``ids``, in the byte-level alphabet."""
-        return [self.added_by_id[i].content if i in self.added_by_id else self.id_to_token[i] for i in ids]
+        return [
+            self.added_by_id[i].content if i in self.added_by_id else self.id_to_token[i]
+            for i in ids
+        ]
 
     def _split_added(self, text: str):
         """Yield (text, None) for ordinary stretches and (content, AddedToken) for each added token."""
@@ -199,7 +219,11 @@ def _split_pattern(pre_tokenizer: dict | None) -> str | None:
     if [s.get("type") for s in steps] != ["Split", "ByteLevel"]:
         return None
     split, byte_level = steps
-    if split.get("behavior") != "Isolated" or split.get("invert") or "Regex" not in split.get("pattern", {}):
+    if (
+        split.get("behavior") != "Isolated"
+        or split.get("invert")
+        or "Regex" not in split.get("pattern", {})
+    ):
         return None
     if byte_level.get("use_regex") or byte_level.get("add_prefix_space"):
         return None
@@ -242,12 +266,18 @@ def _check_messages(messages) -> None:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
-            raise ValueError(f"message {index} is a {type(message).__name__}, not a dict with 'role' and 'content'")
+            raise ValueError(
+                f"message {index} is a {type(message).__name__}, not a dict with 'role' and 'content'"
+            )
         role = message.get("role")
         if role not in CHAT_ROLES:
-            raise ValueError(f"message {index} has role {role!r}; use one of {', '.join(CHAT_ROLES)}")
+            raise ValueError(
+                f"message {index} has role {role!r}; use one of {', '.join(CHAT_ROLES)}"
+            )
         if not isinstance(message.get("content"), str):
-            raise ValueError(f"message {index} ({role}) needs a str 'content', got {message.get('content')!r}")
+            raise ValueError(
+                f"message {index} ({role}) needs a str 'content', got {message.get('content')!r}"
+            )
         extra = set(message) - {"role", "content"}
         if extra:
             raise ValueError(
@@ -284,20 +314,74 @@ _ENGLISH = (
     "Email me at first.last+tag@example.co.uk or visit https://example.org/a?b=c&d=e#f",
 )
 _EMOJI = (
-    "😀", "😂", "🥲", "👍", "👍🏽", "👨‍👩‍👧‍👦", "🧑🏿‍💻", "🏳️‍🌈", "🇨🇳", "🇺🇸", "🇯🇵", "1️⃣", "#️⃣", "❤️", "✨",
-    "🚀", "🐍", "🦀", "🤖", "🍜", "🀄", "☕", "⚡", "🫠", "🧪",
-)  # fmt: skip
+    "😀",
+    "😂",
+    "🥲",
+    "👍",
+    "👍🏽",
+    "👨‍👩‍👧‍👦",
+    "🧑🏿‍💻",
+    "🏳️‍🌈",
+    "🇨🇳",
+    "🇺🇸",
+    "🇯🇵",
+    "1️⃣",
+    "#️⃣",
+    "❤️",
+    "✨",
+    "🚀",
+    "🐍",
+    "🦀",
+    "🤖",
+    "🍜",
+    "🀄",
+    "☕",
+    "⚡",
+    "🫠",
+    "🧪",
+)
 _SPACES = (
-    " ", "  ", "\t", "\n", "\r\n", "\r", "\n\n", "    ", "\u3000", "\xa0", "\x0b", "\x0c", "\u2028", "\x85", "\u200b",
-)  # fmt: skip
+    " ",
+    "  ",
+    "\t",
+    "\n",
+    "\r\n",
+    "\r",
+    "\n\n",
+    "    ",
+    "\u3000",
+    "\xa0",
+    "\x0b",
+    "\x0c",
+    "\u2028",
+    "\x85",
+    "\u200b",
+)
 _NUMERALS = ("０１２３", "٣٤٥", "²³", "½", "Ⅻ", "一二三", "१२३", "①②")
 # Code point ranges fully assigned for decades, so that Unicode-table versions cannot make the check flaky.
 _UNICODE_RANGES = (
-    (0x00A1, 0x00FF), (0x0100, 0x017F), (0x0300, 0x036F), (0x0391, 0x03A1), (0x03A3, 0x03C9), (0x0400, 0x04FF),
-    (0x05D0, 0x05EA), (0x0621, 0x063A), (0x0641, 0x064A), (0x0905, 0x0939), (0x0E01, 0x0E3A), (0x2010, 0x2027),
-    (0x2190, 0x21FF), (0x2200, 0x22FF), (0x2500, 0x257F), (0x3041, 0x3096), (0x30A1, 0x30FA), (0x4E00, 0x9FA5),
-    (0xAC00, 0xD7A3), (0x1F300, 0x1F5FF), (0x1F600, 0x1F64F),
-)  # fmt: skip
+    (0x00A1, 0x00FF),
+    (0x0100, 0x017F),
+    (0x0300, 0x036F),
+    (0x0391, 0x03A1),
+    (0x03A3, 0x03C9),
+    (0x0400, 0x04FF),
+    (0x05D0, 0x05EA),
+    (0x0621, 0x063A),
+    (0x0641, 0x064A),
+    (0x0905, 0x0939),
+    (0x0E01, 0x0E3A),
+    (0x2010, 0x2027),
+    (0x2190, 0x21FF),
+    (0x2200, 0x22FF),
+    (0x2500, 0x257F),
+    (0x3041, 0x3096),
+    (0x30A1, 0x30FA),
+    (0x4E00, 0x9FA5),
+    (0xAC00, 0xD7A3),
+    (0x1F300, 0x1F5FF),
+    (0x1F600, 0x1F64F),
+)
 
 
 def sample_corpus(count: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -310,7 +394,9 @@ def sample_corpus(count: int, seed: int = 0) -> list[tuple[str, str]]:
     rng = random.Random(seed)
     code_lines = []
     for name in _CODE_MODULES:
-        code_lines.extend(Path(importlib.util.find_spec(name).origin).read_text(encoding="utf-8").splitlines(True))
+        code_lines.extend(
+            Path(importlib.util.find_spec(name).origin).read_text(encoding="utf-8").splitlines(True)
+        )
     chinese_chars = "".join(_CHINESE)
     added = ("<|im_start|>", "<|im_end|>", "<|endoftext|>", "<tool_call>", "<|fim_middle|>")
 
@@ -329,13 +415,18 @@ def sample_corpus(count: int, seed: int = 0) -> list[tuple[str, str]]:
         return " ".join(words[start : start + rng.randint(1, 25)])
 
     def emoji():
-        return "".join(rng.choice(_EMOJI) + rng.choice(("", "", " ", "ok", "\n")) for _ in range(rng.randint(1, 8)))
+        return "".join(
+            rng.choice(_EMOJI) + rng.choice(("", "", " ", "ok", "\n"))
+            for _ in range(rng.randint(1, 8))
+        )
 
     def random_unicode():
         chars = []
         for _ in range(rng.randint(1, 30)):
             low, high = rng.choice(_UNICODE_RANGES)
-            chars.append(chr(rng.randint(low, high)) if rng.random() < 0.8 else rng.choice(" a1.,\n"))
+            chars.append(
+                chr(rng.randint(low, high)) if rng.random() < 0.8 else rng.choice(" a1.,\n")
+            )
         return "".join(chars)
 
     def whitespace():
@@ -357,7 +448,9 @@ def sample_corpus(count: int, seed: int = 0) -> list[tuple[str, str]]:
             lambda: rng.choice(_NUMERALS),
             lambda: f"v{rng.randint(0, 20)}.{rng.randint(0, 99)}.{rng.randint(0, 999)}",
         )
-        return rng.choice(("", " ", ", ", "=")).join(rng.choice(forms)() for _ in range(rng.randint(1, 6)))
+        return rng.choice(("", " ", ", ", "=")).join(
+            rng.choice(forms)() for _ in range(rng.randint(1, 6))
+        )
 
     def mixed():
         parts = [rng.choice(generators[:-1])() for _ in range(rng.randint(2, 4))]

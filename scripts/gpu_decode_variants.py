@@ -37,7 +37,9 @@ def main():
     for size in dict.fromkeys(c[0] for c in cells):
         model = minqwen_from_hf(load_hf(size, "cuda", torch.bfloat16))
         for name in args.variants.split(","):
-            fastmod.SINGLE_ROW_AS_REDUCTION, torch._inductor.config.coordinate_descent_tuning = VARIANTS[name]
+            fastmod.SINGLE_ROW_AS_REDUCTION, torch._inductor.config.coordinate_descent_tuning = (
+                VARIANTS[name]
+            )
             torch._dynamo.reset()
             gc.collect()
             fast = fastmod.FastQwen2(model)
@@ -49,8 +51,17 @@ def main():
                 t = time.perf_counter()
                 fast.generate(ids, 8, eos_token_id=[])
                 compile_s = time.perf_counter() - t
-                r = measure(lambda i, n: fast.generate(i, n, eos_token_id=[]), ids, 128, repeats=5, warmup=1)
-                print(f"{size} b{batch} p{prompt} {name}: decode {r['decode_tok_s']:.1f} tok/s (first call {compile_s:.0f} s)", flush=True)  # fmt: skip
+                r = measure(
+                    lambda i, n, fast=fast: fast.generate(i, n, eos_token_id=[]),
+                    ids,
+                    128,
+                    repeats=5,
+                    warmup=1,
+                )
+                print(
+                    f"{size} b{batch} p{prompt} {name}: decode {r['decode_tok_s']:.1f} tok/s (first call {compile_s:.0f} s)",
+                    flush=True,
+                )
             del fast
         del model
         torch.cuda.empty_cache()

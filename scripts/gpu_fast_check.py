@@ -28,7 +28,10 @@ FALLBACK_PROMPTS = [
 
 
 def prompts() -> list[str]:
-    golden = [json.loads(p.read_text()) for p in sorted((ROOT / "book" / "data" / "golden").glob("*.json"))]
+    golden = [
+        json.loads(p.read_text())
+        for p in sorted((ROOT / "book" / "data" / "golden").glob("*.json"))
+    ]
     found = [g["prompt"] for g in golden if isinstance(g.get("prompt"), str)]
     return found or FALLBACK_PROMPTS
 
@@ -41,7 +44,12 @@ def main() -> None:
     args = parser.parse_args()
     tokenizer = AutoTokenizer.from_pretrained(ROOT / "minqwen" / "assets" / "qwen2.5-tokenizer")
     tokenizer.padding_side = "left"
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts()]  # fmt: skip
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
+        for p in prompts()
+    ]
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"].cuda(), batch["attention_mask"].cuda()
     with open(args.out, "a") as out:
@@ -54,8 +62,15 @@ def main() -> None:
             for r in rows:
                 r.update(size=size, dtype=dtype, device=torch.cuda.get_device_name())
                 out.write(json.dumps(r) + "\n")
-                part = f", then gap {r['gap']:.4g} = {r['gap_ulps']:.2f} rounding steps" if "gap" in r else ""
-                print(f"{size} {dtype} row {r['row']}: {r['same']}/{args.new_tokens} tokens agree{part}", flush=True)
+                part = (
+                    f", then gap {r['gap']:.4g} = {r['gap_ulps']:.2f} rounding steps"
+                    if "gap" in r
+                    else ""
+                )
+                print(
+                    f"{size} {dtype} row {r['row']}: {r['same']}/{args.new_tokens} tokens agree{part}",
+                    flush=True,
+                )
             print(f"  ({time.perf_counter() - start:.0f} s)", flush=True)
             del model, fast
             torch.cuda.empty_cache()

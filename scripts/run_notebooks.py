@@ -54,19 +54,24 @@ def run_one(notebook: Path) -> None:
 
 
 def environment() -> str:
-    import helpers
     import torch
     import transformers
 
+    import helpers
+
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    return (f"{card}; torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
-            f"Python {platform.python_version()}; MINQWEN_MODEL={helpers.MODEL_SOURCE}, "
-            f"device {helpers.DEVICE}, dtype {str(helpers.DTYPE).removeprefix('torch.')}")  # fmt: skip
+    return (
+        f"{card}; torch {torch.__version__} (CUDA {torch.version.cuda}), transformers {transformers.__version__}, "
+        f"Python {platform.python_version()}; MINQWEN_MODEL={helpers.MODEL_SOURCE}, "
+        f"device {helpers.DEVICE}, dtype {str(helpers.DTYPE).removeprefix('torch.')}"
+    )
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("notebooks", nargs="*", type=Path, help="default: every book/notebooks/*/*.py")
+    parser.add_argument(
+        "notebooks", nargs="*", type=Path, help="default: every book/notebooks/*/*.py"
+    )
     parser.add_argument("--out", type=Path, help="folder for gpu-runs.md and gpu-runs.log")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per notebook")
     parser.add_argument("--one", type=Path, help=argparse.SUPPRESS)
@@ -82,15 +87,23 @@ def main() -> int:
     if missing:
         parser.error(f"no such notebook: {', '.join(missing)}")
     args.out.mkdir(parents=True, exist_ok=True)
-    header = [f"Executed {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {environment()}.", "",
-              "| notebook | result | seconds | first error |", "|---|---|---|---|"]  # fmt: skip
+    header = [
+        f"Executed {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on {environment()}.",
+        "",
+        "| notebook | result | seconds | first error |",
+        "|---|---|---|---|",
+    ]
     rows, log = [], []
     for notebook in notebooks:
         name = str(notebook.relative_to(BOOK)) if notebook.is_relative_to(BOOK) else str(notebook)
         start = time.monotonic()
         try:
-            done = subprocess.run([sys.executable, __file__, "--one", str(notebook)], capture_output=True, text=True,
-                                  timeout=args.timeout)  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, __file__, "--one", str(notebook)],
+                capture_output=True,
+                text=True,
+                timeout=args.timeout,
+            )
             failed, output = done.returncode != 0, done.stdout + done.stderr
         except subprocess.TimeoutExpired as error:
             failed = True
@@ -98,7 +111,9 @@ def main() -> int:
             stderr = stderr.decode(errors="replace") if isinstance(stderr, bytes) else stderr
             output = f"{stderr}\ntimed out after {args.timeout} s"
         seconds = time.monotonic() - start
-        error_line = next((ln for ln in reversed(output.splitlines()) if ln.strip()), "") if failed else ""
+        error_line = (
+            next((ln for ln in reversed(output.splitlines()) if ln.strip()), "") if failed else ""
+        )
         result = "FAIL" if failed else "pass"
         rows.append(f"| {name} | {result} | {seconds:.0f} | {error_line.replace('|', '/')[:160]} |")
         if failed:

@@ -12,10 +12,20 @@ import minqwen
 def tiny_hf_config(**overrides) -> Qwen2Config:
     """A Qwen2 small enough to run in milliseconds, with GQA (4 query heads per 2 kv heads) and untied head."""
     values = dict(
-        vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, tie_word_embeddings=False,
-        rope_theta=10000.0, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        rope_theta=10000.0,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     values.update(overrides)
     return Qwen2Config(**values)
 
@@ -72,9 +82,12 @@ def tiny_checkpoint_with_tokenizer(tmp_path_factory):
     import shutil
 
     folder = make_tiny_checkpoint(
-        tmp_path_factory.mktemp("tiny-vocab"), vocab_size=151936, bos_token_id=151643, eos_token_id=151645,
+        tmp_path_factory.mktemp("tiny-vocab"),
+        vocab_size=151936,
+        bos_token_id=151643,
+        eos_token_id=151645,
         pad_token_id=151643,
-    )  # fmt: skip
+    )
     for file in minqwen.weights.ASSETS.iterdir():
         shutil.copy(file, folder / file.name)
     return folder

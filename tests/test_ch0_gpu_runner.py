@@ -13,7 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = sorted(ROOT.glob("book/notebooks/*/*.py"))
-spec = importlib.util.spec_from_file_location("run_notebooks", ROOT / "scripts" / "run_notebooks.py")
+spec = importlib.util.spec_from_file_location(
+    "run_notebooks", ROOT / "scripts" / "run_notebooks.py"
+)
 run_notebooks = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(run_notebooks)
 
@@ -28,9 +30,20 @@ def test_code_cells_are_jupytexts(notebook):
 
 def test_a_failing_cell_fails_the_notebook_and_is_reported(tmp_path):
     notebook = tmp_path / "broken.py"
-    notebook.write_text('# %% [markdown]\n# A note.\n\n# %%\nx = 1\n\n# %%\nassert x == 2, "x is not 2"\n')
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "run_notebooks.py"), "--out", str(tmp_path),
-                             str(notebook)], capture_output=True, text=True)  # fmt: skip
+    notebook.write_text(
+        '# %% [markdown]\n# A note.\n\n# %%\nx = 1\n\n# %%\nassert x == 2, "x is not 2"\n'
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "run_notebooks.py"),
+            "--out",
+            str(tmp_path),
+            str(notebook),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     assert f"| {notebook} | FAIL |" in (tmp_path / "gpu-runs.md").read_text()
     assert "AssertionError: x is not 2" in (tmp_path / "gpu-runs.md").read_text()

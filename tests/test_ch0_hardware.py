@@ -53,10 +53,13 @@ def test_recommendation_is_monotone_in_memory():
     assert recommend_size(0) is None and recommend_size(200 * GIB) == "72B"
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"dtype": "int3"}, r"unknown dtype 'int3'; choose one of float32"),
-    ({"context": 0}, r"context and batch must be positive"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"dtype": "int3"}, r"unknown dtype 'int3'; choose one of float32"),
+        ({"context": 0}, r"context and batch must be positive"),
+    ],
+)
 def test_bad_estimate_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         memory_estimate("0.5B", **kwargs)

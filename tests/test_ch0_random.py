@@ -15,15 +15,22 @@ import sys
 import pytest
 import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
-import helpers
 import minqwen
 from minqwen.config import ModelConfig
 from minqwen.hardware import memory_estimate
 from minqwen.model import hf_to_minqwen
 from minqwen.sizes import SIZES, parameter_count, qwen25_config, released_size
 from minqwen.weights import _hf_shapes
+
+import helpers
 
 GIB = 1 << 30
 
@@ -51,19 +58,38 @@ def test_random_05b_config_round_trips(random_05b):
     written = json.loads((random_05b / "config.json").read_text())
     assert written == json.loads(json.dumps(qwen25_config("0.5B")))
     hf = AutoConfig.from_pretrained(random_05b)
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "vocab_size", "tie_word_embeddings", "max_position_embeddings",
-                "rms_norm_eps", "bos_token_id", "eos_token_id"):  # fmt: skip
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "tie_word_embeddings",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "bos_token_id",
+        "eos_token_id",
+    ):
         assert getattr(hf, key) == written[key], key
     assert hf.rope_parameters["rope_theta"] == written["rope_theta"] == 1e6
     ours = ModelConfig.from_file(random_05b)
-    assert (ours.hidden_size, ours.num_hidden_layers, ours.head_dim, ours.kv_groups) == (896, 24, 64, 7)
+    assert (ours.hidden_size, ours.num_hidden_layers, ours.head_dim, ours.kv_groups) == (
+        896,
+        24,
+        64,
+        7,
+    )
     assert ours.tie_word_embeddings and ours.rope_theta == 1e6
 
 
 def test_random_05b_carries_the_real_tokenizer(random_05b):
     tokenizer = AutoTokenizer.from_pretrained(random_05b)
-    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [151643, 151644, 151645]
+    assert tokenizer.convert_tokens_to_ids(["<|endoftext|>", "<|im_start|>", "<|im_end|>"]) == [
+        151643,
+        151644,
+        151645,
+    ]
     prompt = tokenizer.apply_chat_template([{"role": "user", "content": "你好"}], tokenize=False)
     assert prompt.startswith("<|im_start|>system\nYou are Qwen, created by Alibaba Cloud.")
     assert tokenizer.decode(tokenizer("你好")["input_ids"]) == "你好"
@@ -99,7 +125,9 @@ def test_every_size_writes_the_tensors_hf_expects(size):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_every_size_checkpoint_bytes_are_the_estimated_weights(size):
-    checkpoint_bytes = sum(torch.Size(shape).numel() * 2 for shape in _hf_shapes(qwen25_config(size)).values())
+    checkpoint_bytes = sum(
+        torch.Size(shape).numel() * 2 for shape in _hf_shapes(qwen25_config(size)).values()
+    )
     estimate = memory_estimate(size, "bfloat16")
     assert checkpoint_bytes == estimate["weights"] == parameter_count(size) * 2
     assert estimate["total"] > estimate["weights"] + estimate["kv_cache"]
@@ -115,7 +143,9 @@ def test_72b_estimate_needs_more_than_one_80gb_card():
     "size, fits",
     [("0.5B", True), ("7B", True), ("32B", True), ("72B", False)],
 )
-def test_hf_reference_spreads_over_devices_only_when_one_80gb_card_cannot_hold_it(tmp_path, monkeypatch, size, fits):
+def test_hf_reference_spreads_over_devices_only_when_one_80gb_card_cannot_hold_it(
+    tmp_path, monkeypatch, size, fits
+):
     """helpers.hf_model() loads with device_map="auto" exactly when chapter 0's advice says one card is too small."""
     monkeypatch.setattr(helpers, "DTYPE", torch.bfloat16)
     (tmp_path / "config.json").write_text(json.dumps(qwen25_config(size)))
@@ -137,27 +167,35 @@ def test_released_size_names_each_shape_and_nothing_else(tiny_checkpoint):
 def _helpers_settings(**env) -> subprocess.CompletedProcess:
     code = "import helpers; print(helpers.DEVICE, helpers.DTYPE)"
     environ = {k: v for k, v in os.environ.items() if not k.startswith("MINQWEN_")} | env
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=300
+    )
 
 
 def test_the_notebooks_dtype_follows_the_device_unless_set():
     assert _helpers_settings().stdout.split() == ["cpu", "torch.float32"]
     assert _helpers_settings(MINQWEN_DTYPE="bfloat16").stdout.split() == ["cpu", "torch.bfloat16"]
-    if not torch.cuda.is_available():  # no GPU: cuda falls back to the CPU, and so does its default dtype
+    if (
+        not torch.cuda.is_available()
+    ):  # no GPU: cuda falls back to the CPU, and so does its default dtype
         assert _helpers_settings(MINQWEN_DEVICE="cuda").stdout.split() == ["cpu", "torch.float32"]
 
 
 @pytest.mark.parametrize(
     "env, message",
-    [({"MINQWEN_DTYPE": "fp16"}, "MINQWEN_DTYPE='fp16': use float32 or bfloat16"),
-     ({"MINQWEN_DEVICE": "tpu"}, "MINQWEN_DEVICE='tpu': use cpu, cuda or cuda:<index>")],
-)  # fmt: skip
+    [
+        ({"MINQWEN_DTYPE": "fp16"}, "MINQWEN_DTYPE='fp16': use float32 or bfloat16"),
+        ({"MINQWEN_DEVICE": "tpu"}, "MINQWEN_DEVICE='tpu': use cpu, cuda or cuda:<index>"),
+    ],
+)
 def test_bad_notebook_settings_get_one_clear_error(env, message):
     done = _helpers_settings(**env)
     assert done.returncode != 0 and done.stderr.strip().splitlines()[-1] == f"ValueError: {message}"
 
 
-def test_a_greedy_split_is_accepted_only_at_a_near_tie_and_only_below_float32(tiny_ours, monkeypatch):
+def test_a_greedy_split_is_accepted_only_at_a_near_tie_and_only_below_float32(
+    tiny_ours, monkeypatch
+):
     prompt = torch.tensor([[3, 14, 15, 92, 65]])
     with torch.inference_mode():
         logits = tiny_ours(prompt)[0, -1]

@@ -42,9 +42,17 @@ COVERAGE = {
 
 def readme_blocks() -> list[list[str]]:
     """The commands of each ```bash block, one per line, comments and blank lines dropped."""
-    blocks = re.findall(r"^```(?:bash|sh|shell|console)\n(.*?)^```", README.read_text(), re.S | re.M)
-    return [[line.split(" #")[0].strip() for line in b.splitlines() if line.strip() and not line.startswith("#")]
-            for b in blocks]  # fmt: skip
+    blocks = re.findall(
+        r"^```(?:bash|sh|shell|console)\n(.*?)^```", README.read_text(), re.S | re.M
+    )
+    return [
+        [
+            line.split(" #")[0].strip()
+            for line in b.splitlines()
+            if line.strip() and not line.startswith("#")
+        ]
+        for b in blocks
+    ]
 
 
 def test_every_readme_command_is_run_by_a_test():
@@ -56,14 +64,22 @@ def test_every_readme_command_is_run_by_a_test():
     )
     for node in set(COVERAGE.values()):
         file, name = node.split("::")
-        functions = {f.name for f in ast.walk(ast.parse((ROOT / file).read_text())) if isinstance(f, ast.FunctionDef)}
+        functions = {
+            f.name
+            for f in ast.walk(ast.parse((ROOT / file).read_text()))
+            if isinstance(f, ast.FunctionDef)
+        }
         assert name in functions, f"{node} does not exist"
 
 
 def test_ci_runs_make_test():
     """`make test` is CI's one command: .ci/run, on a fresh clone, runs it and nothing after it."""
     script = (ROOT / ".ci" / "run").read_text()
-    commands = [line.strip() for line in script.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    commands = [
+        line.strip()
+        for line in script.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
     assert commands[-1] == "make test"
     assert os.access(ROOT / ".ci" / "run", os.X_OK)
 
@@ -71,46 +87,73 @@ def test_ci_runs_make_test():
 def test_environment_yml_installs_exactly_requirements_txt():
     environment = (ROOT / "environment.yml").read_text()
     assert re.search(r"^\s*- -r requirements\.txt$", environment, re.M)
-    pins = [line for line in (ROOT / "requirements.txt").read_text().splitlines() if line and not line.startswith("#")]
-    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[\w.+]+", pin) for pin in pins), "requirements.txt pins exactly"
+    pins = [
+        line
+        for line in (ROOT / "requirements.txt").read_text().splitlines()
+        if line and not line.startswith("#")
+    ]
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[\w.+]+", pin) for pin in pins), (
+        "requirements.txt pins exactly"
+    )
 
 
 def _make(*args: str, env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(["make", "--no-print-directory", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, **kwargs)  # fmt: skip
+    return subprocess.run(
+        ["make", "--no-print-directory", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        **kwargs,
+    )
 
 
 def test_make_book_executes_every_notebook_then_renders_the_site(tmp_path):
     """`make book` is `make execute` then `make site`; `make site` runs in `make test`, so execute is run here.
 
     It runs on a copy of one notebook (the whole book takes CI's nbval step): the Makefile's own recipe, with
-    NOTEBOOKS pointed at the copy, must execute it in place and leave fresh outputs.
+    NOTEBOOKS pointed at the copy, must execute it in place and leave fresh outputs. Executing it again must
+    leave the file as it was: cell ids come from the cells, and no timestamps are recorded.
     """
     plan = _make("--dry-run", "--always-make", "book").stdout
-    executes = re.search(r"jupytext --to ipynb .*--execute", plan)
-    assert executes and executes.start() < plan.index("jupyter-book build book")
-    assert "for nb in " + " ".join(sorted(map(str, ROOT.glob("book/notebooks/*/*.py")))).replace(f"{ROOT}/", "") in plan
+    notebooks = " ".join(sorted(map(str, ROOT.glob("book/notebooks/*/*.py"))))
+    executes = plan.find("scripts/execute_notebooks.py " + notebooks.replace(f"{ROOT}/", ""))
+    assert 0 <= executes < plan.index("jupyter-book build book")
     source = ROOT / "book" / "notebooks" / "ch0" / "00_environment.py"
     copy = tmp_path / source.name
     shutil.copy(source, copy)
     result = _make("execute", f"NOTEBOOKS={copy}", timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    executed = json.loads(copy.with_suffix(".ipynb").read_text())
+    first = copy.with_suffix(".ipynb").read_text()
+    executed = json.loads(first)
     code = [cell for cell in executed["cells"] if cell["cell_type"] == "code"]
     assert code and all(cell["execution_count"] for cell in code)
     assert not [o for cell in code for o in cell["outputs"] if o["output_type"] == "error"]
+    assert not [cell["id"] for cell in code if "execution" in cell["metadata"]]
+    result = _make("execute", f"NOTEBOOKS={copy}", timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    again = json.loads(copy.with_suffix(".ipynb").read_text())
+    assert [c["id"] for c in again["cells"]] == [c["id"] for c in executed["cells"]]
 
 
 def test_command_line_block():
     """The README's command-line block, run as written by bash, with one chat message on stdin."""
     (block,) = [b for b in readme_blocks() if any("python -m minqwen" in c for c in b)]
-    result = subprocess.run(["bash", "-euc", "\n".join(block)], cwd=ROOT, input="你好\n", capture_output=True,
-                            text=True, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        ["bash", "-euc", "\n".join(block)],
+        cwd=ROOT,
+        input="你好\n",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     replies = re.findall(r"[\u4e00-\u9fff]", out)
     assert len(replies) >= 2, f"generate and chat should each answer in Chinese: {out!r}"
-    assert re.search(r"^/\S+/Qwen2.5-Coder-0.5B-Instruct$", out, re.M), "fetch prints the checkpoint folder"
+    assert re.search(r"^/\S+/Qwen2.5-Coder-0.5B-Instruct$", out, re.M), (
+        "fetch prints the checkpoint folder"
+    )
     assert "largest Qwen2.5 size for" in out
 
 
@@ -143,7 +186,9 @@ def _run_in_kernel(server: str, token: str, runtime: Path, code: str) -> str:
     """Start a kernel through the server's REST API and run `code` in it; return what it printed."""
     from jupyter_client import BlockingKernelClient
 
-    request = urllib.request.Request(f"{server}/api/kernels?token={token}", data=b"{}", method="POST")
+    request = urllib.request.Request(
+        f"{server}/api/kernels?token={token}", data=b"{}", method="POST"
+    )
     with urllib.request.urlopen(request, timeout=30) as response:
         kernel_id = json.loads(response.read())["id"]
     client = BlockingKernelClient(connection_file=str(runtime / f"kernel-{kernel_id}.json"))
@@ -153,9 +198,12 @@ def _run_in_kernel(server: str, token: str, runtime: Path, code: str) -> str:
         client.wait_for_ready(timeout=120)
         printed = []
         reply = client.execute_interactive(
-            code, timeout=180,
-            output_hook=lambda msg: msg["msg_type"] == "stream" and printed.append(msg["content"]["text"]),
-        )  # fmt: skip
+            code,
+            timeout=180,
+            output_hook=lambda msg: (
+                msg["msg_type"] == "stream" and printed.append(msg["content"]["text"])
+            ),
+        )
         assert reply["content"]["status"] == "ok", reply["content"]
         return "".join(printed)
     finally:
@@ -170,36 +218,67 @@ def test_make_lab(tmp_path, where):
     here), and with no GPU the notebooks' DEVICE falls back to the CPU.
     """
     settings = ("MINQWEN_MODEL", "MINQWEN_DEVICE", "MINQWEN_DTYPE")
-    env = {k: v for k, v in os.environ.items() if k not in settings and not k.startswith(("MAKE", "MFLAGS"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in settings and not k.startswith(("MAKE", "MFLAGS"))
+    }
     runtime = tmp_path / "runtime"
-    env.update(JUPYTER_RUNTIME_DIR=str(runtime), JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
-               JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "settings"), JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "ws"),
-               IPYTHONDIR=str(tmp_path / "ipython"))  # fmt: skip
+    env.update(
+        JUPYTER_RUNTIME_DIR=str(runtime),
+        JUPYTER_CONFIG_DIR=str(tmp_path / "config"),
+        JUPYTERLAB_SETTINGS_DIR=str(tmp_path / "settings"),
+        JUPYTERLAB_WORKSPACES_DIR=str(tmp_path / "ws"),
+        IPYTHONDIR=str(tmp_path / "ipython"),
+    )
     if where == "gpu-box":
         snapshot = _seed_hub_cache(tmp_path / "hf")
-        env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", MINQWEN_MODEL=HUB_MODEL, MINQWEN_DEVICE="cuda")
+        env.update(
+            HF_HOME=str(tmp_path / "hf"),
+            HF_HUB_OFFLINE="1",
+            MINQWEN_MODEL=HUB_MODEL,
+            MINQWEN_DEVICE="cuda",
+        )
     port, token = _free_port(), secrets.token_hex(16)
     lab_args = f"--no-browser --port={port} --port-retries=0 --IdentityProvider.token={token}"
     log = (tmp_path / "lab.log").open("w+")
-    lab = subprocess.Popen(["make", "lab", f"LAB_ARGS={lab_args}"], cwd=ROOT, env=env, stdout=log,
-                           stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    lab = subprocess.Popen(
+        ["make", "lab", f"LAB_ARGS={lab_args}"],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     server = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
         while True:
-            assert lab.poll() is None, f"make lab exited with {lab.returncode}:\n{Path(log.name).read_text()}"
+            assert lab.poll() is None, (
+                f"make lab exited with {lab.returncode}:\n{Path(log.name).read_text()}"
+            )
             try:
                 _get(f"{server}/api/status?token={token}")
                 break
             except OSError:
-                assert time.monotonic() < deadline, f"JupyterLab did not start:\n{Path(log.name).read_text()}"
+                assert time.monotonic() < deadline, (
+                    f"JupyterLab did not start:\n{Path(log.name).read_text()}"
+                )
                 time.sleep(1)
         opened = _get(f"{server}/api/contents/ch0/00_environment.py?type=notebook&token={token}")
-        assert opened["type"] == "notebook" and opened["content"]["cells"][0]["cell_type"] == "markdown"
+        assert (
+            opened["type"] == "notebook"
+            and opened["content"]["cells"][0]["cell_type"] == "markdown"
+        )
         pairing = opened["content"]["metadata"]["jupytext"]["formats"]
         assert pairing == "ipynb,py:percent"
-        viewers = _get(f"{server}/lab/api/settings/@jupyterlab/docmanager-extension:plugin?token={token}")
-        assert viewers["schema"]["properties"]["defaultViewers"]["default"]["python"] == "Jupytext Notebook"
+        viewers = _get(
+            f"{server}/lab/api/settings/@jupyterlab/docmanager-extension:plugin?token={token}"
+        )
+        assert (
+            viewers["schema"]["properties"]["defaultViewers"]["default"]["python"]
+            == "Jupytext Notebook"
+        )
         code = "import helpers; print(helpers.MODEL_SOURCE, helpers.DEVICE, helpers.model_path())"
         printed = _run_in_kernel(server, token, runtime, code)
         source, device, path = printed.split()
@@ -207,7 +286,11 @@ def test_make_lab(tmp_path, where):
             assert (source, Path(path)) == (HUB_MODEL, snapshot)
             assert device == ("cuda" if _has_cuda() else "cpu")
         else:
-            assert (source, device, Path(path).name) == ("embedded", "cpu", "Qwen2.5-Coder-0.5B-Instruct")
+            assert (source, device, Path(path).name) == (
+                "embedded",
+                "cpu",
+                "Qwen2.5-Coder-0.5B-Instruct",
+            )
     finally:
         os.killpg(lab.pid, signal.SIGTERM)
         lab.wait(timeout=60)

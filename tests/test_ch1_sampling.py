@@ -36,7 +36,9 @@ def random_logits(seed: int, shape, ties: bool) -> torch.Tensor:
 
 
 def random_ids(seed: int, batch: int, vocab: int, length: int = 12) -> torch.Tensor:
-    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed + 1000))
+    return torch.randint(
+        0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed + 1000)
+    )
 
 
 CASES = [(seed, shape, ties) for seed in range(4) for shape in SHAPES for ties in (False, True)]
@@ -91,7 +93,9 @@ def test_repetition_penalty_equals_hf(seed, shape, ties, penalty):
 def test_repetition_penalty_skips_left_padding_like_hf(seed):
     logits, ids = random_logits(seed, (3, 40), False), random_ids(seed, 3, 40)
     padding = torch.tensor([0, 4, 9])
-    expected = RepetitionPenaltyLogitsProcessor(1.4, prompt_ignore_length=padding)(ids, logits.clone())
+    expected = RepetitionPenaltyLogitsProcessor(1.4, prompt_ignore_length=padding)(
+        ids, logits.clone()
+    )
     ours = apply_repetition_penalty(logits, ids, 1.4, ignore_before=padding)
     assert torch.equal(ours, expected)
     assert not torch.equal(ours, apply_repetition_penalty(logits, ids, 1.4))
@@ -122,7 +126,9 @@ def hf_chain(config: SamplingConfig, ids, logits):
 COMBINATIONS = [
     SamplingConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05),
     SamplingConfig(do_sample=True, temperature=1.2, top_k=0, top_p=0.9, min_p=0.05),
-    SamplingConfig(do_sample=True, temperature=0.5, top_k=3, top_p=0.5, min_p=0.2, repetition_penalty=1.5),
+    SamplingConfig(
+        do_sample=True, temperature=0.5, top_k=3, top_p=0.5, min_p=0.2, repetition_penalty=1.5
+    ),
     SamplingConfig(do_sample=False, temperature=0.3, top_k=2, repetition_penalty=1.2),
 ]
 

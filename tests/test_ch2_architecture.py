@@ -35,11 +35,22 @@ def test_parameter_count_matches_an_hf_built_model(size):
 def test_sizes_table_reaches_hf_and_minqwen_configs_unchanged(size):
     raw = qwen25_config(size)
     hf, ours = Qwen2Config(**raw), ModelConfig.from_dict(raw)
-    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "vocab_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings"):  # fmt: skip
+    for key in (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "vocab_size",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+    ):
         assert getattr(hf, key) == getattr(ours, key) == raw[key], key
     assert hf.rope_parameters["rope_theta"] == ours.rope_theta == 1e6
-    assert hf.hidden_size // hf.num_attention_heads == ours.head_dim == (64 if size == "0.5B" else 128)
+    assert (
+        hf.hidden_size // hf.num_attention_heads == ours.head_dim == (64 if size == "0.5B" else 128)
+    )
 
 
 @pytest.mark.parametrize("size", ["0.5B", "7B"])

@@ -48,7 +48,9 @@ def _ids(batch=2, seq=7, seed=1):
 
 
 def test_record_keeps_inputs_and_outputs(tiny_hf, tmp_path):
-    path = record(tiny_hf, "model.layers.0", tmp_path / "layer0.safetensors", _ids(), use_cache=False)
+    path = record(
+        tiny_hf, "model.layers.0", tmp_path / "layer0.safetensors", _ids(), use_cache=False
+    )
     rec = load_recording(path)["model.layers.0"]
     assert rec.kind == "Qwen2DecoderLayer"
     hidden = rec.args[0]
@@ -70,9 +72,18 @@ def test_replay_of_identical_weights_is_exact(tiny_hf, tiny_ours, tmp_path):
 
 def test_replay_with_padding_skips_only_padding_queries(tiny_checkpoint, tiny_ours, tmp_path):
     # eager HF and SDPA disagree on padding queries (no key to attend to); real tokens must still agree
-    eager = Qwen2ForCausalLM.from_pretrained(tiny_checkpoint, dtype=torch.float32, attn_implementation="eager").eval()
+    eager = Qwen2ForCausalLM.from_pretrained(
+        tiny_checkpoint, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     mask = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
-    path = record(eager, ["model.layers.0", "model.layers.1.self_attn"], tmp_path / "pad.safetensors", _ids(), attention_mask=mask, use_cache=False)  # fmt: skip
+    path = record(
+        eager,
+        ["model.layers.0", "model.layers.1.self_attn"],
+        tmp_path / "pad.safetensors",
+        _ids(),
+        attention_mask=mask,
+        use_cache=False,
+    )
     rows = replay(path, tiny_ours)
     assert [r.shape for r in rows] == [(12, 64), (12, 64)]  # 14 positions, 2 of them padding
     assert all(r.max_rel < 1e-6 for r in rows), format_table(rows)
@@ -81,7 +92,13 @@ def test_replay_with_padding_skips_only_padding_queries(tiny_checkpoint, tiny_ou
 def test_replay_a_bare_layer(tiny_hf, tiny_ours, tmp_path):
     hidden = torch.randn(1, 5, 64, generator=torch.Generator().manual_seed(0))
     cos, sin = tiny_hf.model.rotary_emb(hidden, torch.arange(5)[None])
-    path = record(tiny_hf.model.layers[1], "", tmp_path / "bare.safetensors", hidden, position_embeddings=(cos, sin))
+    path = record(
+        tiny_hf.model.layers[1],
+        "",
+        tmp_path / "bare.safetensors",
+        hidden,
+        position_embeddings=(cos, sin),
+    )
     (row,) = replay(path, tiny_ours.layers[1])
     assert row.max_abs == 0.0
     (row,) = replay(path, tiny_ours, names={"": "layers.1"})
@@ -95,10 +112,17 @@ def test_perturbed_layer_is_localised(four_layers, tmp_path):
         broken.layers[2].mlp.down_proj.weight[0, 0] += 0.5
     names = [f"model.layers.{i}" for i in range(4)]
     rows = replay(record(hf, names, tmp_path / "all.safetensors", _ids()), broken)
-    assert [r.max_abs > 0 for r in rows] == [False, False, True, False]  # replay isolates layers from each other
+    assert [r.max_abs > 0 for r in rows] == [
+        False,
+        False,
+        True,
+        False,
+    ]  # replay isolates layers from each other
     rows = compare_layers(hf, broken, _ids())
     assert first_divergence(rows, 1e-6).minqwen == "layers.2"
-    assert all(r.max_rel > 1e-6 for r in rows[rows.index(first_divergence(rows, 1e-6)) :])  # and it propagates
+    assert all(
+        r.max_rel > 1e-6 for r in rows[rows.index(first_divergence(rows, 1e-6)) :]
+    )  # and it propagates
     clean = compare_layers(hf, ours, _ids())
     assert first_divergence(clean, 1e-6) is None, format_table(clean)
 
@@ -112,8 +136,12 @@ def test_compare_layers_rows_and_padding(tiny_hf, tiny_ours):
 
 
 def test_capture_outputs_takes_first_of_tuple(tiny_hf):
-    outputs = capture_outputs(tiny_hf, ["model.layers.0.self_attn", "model.norm"], _ids(), use_cache=False)
-    assert outputs["model.layers.0.self_attn"].shape == (2, 7, 64) and outputs["model.norm"].shape == (2, 7, 64)
+    outputs = capture_outputs(
+        tiny_hf, ["model.layers.0.self_attn", "model.norm"], _ids(), use_cache=False
+    )
+    assert outputs["model.layers.0.self_attn"].shape == (2, 7, 64) and outputs[
+        "model.norm"
+    ].shape == (2, 7, 64)
 
 
 def test_format_table_lists_every_row(tiny_hf, tiny_ours):
@@ -127,7 +155,9 @@ def test_format_table_lists_every_row(tiny_hf, tiny_ours):
 
 
 def test_unknown_module_is_named_with_suggestions(tiny_hf, tmp_path):
-    with pytest.raises(ProbeError, match=r"no module named 'model.layer.0'.*did you mean model.layers.0"):
+    with pytest.raises(
+        ProbeError, match=r"no module named 'model.layer.0'.*did you mean model.layers.0"
+    ):
         record(tiny_hf, "model.layer.0", tmp_path / "x.safetensors", _ids())
     assert not (tmp_path / "x.safetensors").exists()
     with pytest.raises(ProbeError, match="at least one module"):
@@ -146,16 +176,24 @@ def test_missing_and_foreign_files(tiny_ours, tmp_path):
 
 
 def test_shape_mismatch_is_caught_before_running(tiny_hf, tmp_path):
-    folder = make_tiny_checkpoint(tmp_path / "narrow", hidden_size=32, num_attention_heads=4, num_key_value_heads=2)
+    folder = make_tiny_checkpoint(
+        tmp_path / "narrow", hidden_size=32, num_attention_heads=4, num_key_value_heads=2
+    )
     narrow = minqwen.Qwen2.from_pretrained(folder)
-    path = record(tiny_hf, ["model.layers.0", "model.layers.0.mlp"], tmp_path / "wide.safetensors", _ids())
-    with pytest.raises(ProbeError, match="hidden_states has last dimension 64, but minqwen's layers.0 expects 32"):
+    path = record(
+        tiny_hf, ["model.layers.0", "model.layers.0.mlp"], tmp_path / "wide.safetensors", _ids()
+    )
+    with pytest.raises(
+        ProbeError, match="hidden_states has last dimension 64, but minqwen's layers.0 expects 32"
+    ):
         replay(path, narrow)
 
 
 def test_unknown_target_and_wrong_kind(tiny_hf, tiny_ours, four_layers, tmp_path):
     path = record(tiny_hf, "model.layers.0", tmp_path / "l0.safetensors", _ids())
-    with pytest.raises(ProbeError, match="is a Qwen2DecoderLayer but minqwen's 'layers.0.mlp' is a MLP"):
+    with pytest.raises(
+        ProbeError, match="is a Qwen2DecoderLayer but minqwen's 'layers.0.mlp' is a MLP"
+    ):
         replay(path, tiny_ours, names={"model.layers.0": "layers.0.mlp"})
     with pytest.raises(ProbeError, match="no module named 'layers.9'"):
         replay(path, tiny_ours, names={"model.layers.0": "layers.9"})
@@ -172,7 +210,14 @@ def test_recording_with_a_filled_cache_is_refused(tiny_hf, tiny_ours, tmp_path):
     ids = _ids()
     with torch.no_grad():
         past = tiny_hf(ids[:, :5], use_cache=True).past_key_values
-    path = record(tiny_hf, "model.layers.1", tmp_path / "decode.safetensors", ids[:, 5:], past_key_values=past, use_cache=True)  # fmt: skip
+    path = record(
+        tiny_hf,
+        "model.layers.1",
+        tmp_path / "decode.safetensors",
+        ids[:, 5:],
+        past_key_values=past,
+        use_cache=True,
+    )
     with pytest.raises(ProbeError, match="recorded with 5 cached positions"):
         replay(path, tiny_ours)
 
@@ -180,4 +225,6 @@ def test_recording_with_a_filled_cache_is_refused(tiny_hf, tiny_ours, tmp_path):
 def test_a_module_called_twice_is_refused(tmp_path):
     shared = nn.Linear(4, 4)
     with pytest.raises(ProbeError, match="ran 2 times"):
-        record(nn.Sequential(shared, shared), "0", tmp_path / "twice.safetensors", torch.zeros(1, 4))
+        record(
+            nn.Sequential(shared, shared), "0", tmp_path / "twice.safetensors", torch.zeros(1, 4)
+        )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_hf_config
 from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2Attention,
     Qwen2DecoderLayer,
@@ -15,8 +16,6 @@ from transformers.models.qwen2.modeling_qwen2 import (
 from minqwen.config import ModelConfig
 from minqwen.layers import MLP, Attention, DecoderLayer, RMSNorm
 from minqwen.rope import rope_cos_sin, rope_inv_freq
-
-from conftest import tiny_hf_config
 
 
 def configs(**overrides):
@@ -90,5 +89,10 @@ def test_kv_heads_broadcast_by_repeat_interleave():
     before = attention(x, cos, sin, None).detach()
     with torch.no_grad():
         attention.v_proj.bias[head_dim:] += 1.0  # change kv head 1 only
-    changed = (attention(x, cos, sin, None).detach() - before).abs().view(1, 3, 4, head_dim).amax(dim=(0, 1, 3))
+    changed = (
+        (attention(x, cos, sin, None).detach() - before)
+        .abs()
+        .view(1, 3, 4, head_dim)
+        .amax(dim=(0, 1, 3))
+    )
     assert changed[:2].max() == 0 and changed[2:].min() > 0.5

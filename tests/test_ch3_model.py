@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny_checkpoint
 from safetensors.torch import load_file, save_file
 from transformers import Qwen2ForCausalLM
 
@@ -14,16 +15,21 @@ from minqwen import ConfigError, LoadError
 from minqwen.cache import DynamicKVCache
 from minqwen.model import positions_from_mask
 
-from conftest import make_tiny_checkpoint
-
 TINY_VARIANTS = {
     "gqa 2:1": {},
     "mha": dict(num_attention_heads=4, num_key_value_heads=4),
     "mqa": dict(num_attention_heads=8, num_key_value_heads=1),
     "tied head": dict(tie_word_embeddings=True),
-    "yarn": dict(rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}),
+    "yarn": dict(
+        rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+    ),
     "yarn no truncation": dict(
-        rope_scaling={"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 128, "truncate": False}
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 2.0,
+            "original_max_position_embeddings": 128,
+            "truncate": False,
+        }
     ),
 }
 
@@ -59,7 +65,9 @@ def test_left_padded_batch_matches_each_prompt_alone(tiny_ours, tiny_hf):
             alone = tiny_ours(torch.tensor([prompt]))[0]
             real = batched[row, width - len(prompt) :]
             torch.testing.assert_close(real, alone, rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(real, reference[row, width - len(prompt) :], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                real, reference[row, width - len(prompt) :], rtol=1e-5, atol=1e-5
+            )
 
 
 def test_positions_count_real_tokens_only():
@@ -79,7 +87,9 @@ def test_cached_decoding_matches_full_forward(tiny_ours):
 
 def test_casting_keeps_rope_frequencies_in_float32(tiny_checkpoint, tiny_hf):
     model = minqwen.Qwen2.from_pretrained(tiny_checkpoint).bfloat16()
-    assert model.inv_freq.dtype == torch.float32 and model.embed_tokens.weight.dtype == torch.bfloat16
+    assert (
+        model.inv_freq.dtype == torch.float32 and model.embed_tokens.weight.dtype == torch.bfloat16
+    )
     assert torch.equal(model.inv_freq, tiny_hf.model.rotary_emb.inv_freq)
     loaded = minqwen.Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
     ids = torch.arange(1, 40)[None]
@@ -116,8 +126,12 @@ def test_missing_tensor(checkpoint):
 
 
 def test_unexpected_tensor(checkpoint):
-    edit_tensors(checkpoint, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": torch.zeros(96, 64)}))
-    with pytest.raises(LoadError, match=r"unexpected 1 tensor\(s\): layers\.2\.mlp\.up_proj\.weight"):
+    edit_tensors(
+        checkpoint, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": torch.zeros(96, 64)})
+    )
+    with pytest.raises(
+        LoadError, match=r"unexpected 1 tensor\(s\): layers\.2\.mlp\.up_proj\.weight"
+    ):
         minqwen.Qwen2.from_pretrained(checkpoint)
 
 
@@ -129,7 +143,9 @@ def test_tensor_outside_the_qwen2_naming(checkpoint):
 
 def test_wrong_shape(checkpoint):
     edit_tensors(checkpoint, lambda t: t.update({"model.norm.weight": torch.ones(65)}))
-    with pytest.raises(LoadError, match=r"1 shape mismatch\(es\): norm\.weight: file \(65,\) vs config \(64,\)"):
+    with pytest.raises(
+        LoadError, match=r"1 shape mismatch\(es\): norm\.weight: file \(65,\) vs config \(64,\)"
+    ):
         minqwen.Qwen2.from_pretrained(checkpoint)
 
 
@@ -146,18 +162,25 @@ def test_no_config(tmp_path):
 
 def test_sliding_window(checkpoint):
     edit_config(checkpoint, lambda raw: raw.update(use_sliding_window=True, sliding_window=32))
-    with pytest.raises(ConfigError, match=r"use_sliding_window=true; minqwen implements full attention only"):
+    with pytest.raises(
+        ConfigError, match=r"use_sliding_window=true; minqwen implements full attention only"
+    ):
         minqwen.Qwen2.from_pretrained(checkpoint)
 
 
 def test_sliding_layer_types(checkpoint):
-    edit_config(checkpoint, lambda raw: raw.update(layer_types=["full_attention", "sliding_attention"]))
+    edit_config(
+        checkpoint, lambda raw: raw.update(layer_types=["full_attention", "sliding_attention"])
+    )
     with pytest.raises(ConfigError, match=r"layer_types \['sliding_attention'\]"):
         minqwen.Qwen2.from_pretrained(checkpoint)
 
 
 def test_unknown_rope_type(checkpoint):
-    edit_config(checkpoint, lambda raw: raw.update(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}))
+    edit_config(
+        checkpoint,
+        lambda raw: raw.update(rope_parameters={"rope_type": "llama3", "rope_theta": 1e4}),
+    )
     with pytest.raises(ConfigError, match=r"rope type 'llama3'; minqwen supports default, yarn"):
         minqwen.Qwen2.from_pretrained(checkpoint)
 
@@ -176,7 +199,9 @@ def test_yarn_factor_below_one(checkpoint):
 
 def test_missing_config_keys(checkpoint):
     edit_config(checkpoint, lambda raw: [raw.pop("num_key_value_heads"), raw.pop("rms_norm_eps")])
-    with pytest.raises(ConfigError, match=r"lacks num_key_value_heads, rms_norm_eps; a Qwen2 config\.json needs"):
+    with pytest.raises(
+        ConfigError, match=r"lacks num_key_value_heads, rms_norm_eps; a Qwen2 config\.json needs"
+    ):
         minqwen.Qwen2.from_pretrained(checkpoint)
 
 
@@ -188,7 +213,9 @@ def test_other_model_type(checkpoint):
 
 def test_indivisible_heads(checkpoint):
     edit_config(checkpoint, lambda raw: raw.update(num_key_value_heads=3))
-    with pytest.raises(ConfigError, match=r"num_attention_heads a multiple of num_key_value_heads 3"):
+    with pytest.raises(
+        ConfigError, match=r"num_attention_heads a multiple of num_key_value_heads 3"
+    ):
         minqwen.Qwen2.from_pretrained(checkpoint)
 
 
@@ -215,6 +242,10 @@ def test_embedded_logits_and_greedy_tokens_match(embedded_hf, embedded_ours, emb
         assert relative_error(embedded_ours(ids), embedded_hf(ids).logits) <= 1e-5
         # The Instruct generation_config adds repetition_penalty 1.05 even to greedy search; plain argmax here.
         expected = embedded_hf.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False, repetition_penalty=1.0, max_new_tokens=12
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            repetition_penalty=1.0,
+            max_new_tokens=12,
         )
     assert torch.equal(minqwen.generate(embedded_ours, ids, max_new_tokens=12), expected)

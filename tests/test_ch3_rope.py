@@ -14,9 +14,16 @@ from minqwen.config import ModelConfig
 from minqwen.rope import apply_rope, rope_cos_sin, rope_inv_freq, rotate_half
 
 QWEN_05B = dict(
-    vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
-    num_key_value_heads=2, rms_norm_eps=1e-6, max_position_embeddings=32768, rope_theta=1_000_000.0,
-)  # fmt: skip
+    vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=24,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    rms_norm_eps=1e-6,
+    max_position_embeddings=32768,
+    rope_theta=1_000_000.0,
+)
 QWEN_CARD_YARN = {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
 
 
@@ -43,20 +50,36 @@ YARN_VARIANTS = {
     "extended max positions": dict(max_position_embeddings=131072, rope_scaling=QWEN_CARD_YARN),
     "factor derived from lengths": dict(
         max_position_embeddings=131072,
-        rope_scaling={"rope_type": "yarn", "factor": None, "original_max_position_embeddings": 32768},
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": None,
+            "original_max_position_embeddings": 32768,
+        },
     ),
     "original length defaults to max": dict(rope_scaling={"rope_type": "yarn", "factor": 2.0}),
     "no truncation": dict(rope_scaling={**QWEN_CARD_YARN, "truncate": False}),
     "explicit attention factor": dict(rope_scaling={**QWEN_CARD_YARN, "attention_factor": 1.5}),
     "mscale ratio": dict(
-        rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096,
-                      "mscale": 1.0, "mscale_all_dim": 0.707},
-    ),  # fmt: skip
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 4096,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.707,
+        },
+    ),
     "custom betas": dict(
-        rope_scaling={"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096,
-                      "beta_fast": 16, "beta_slow": 2},
-    ),  # fmt: skip
-    "top-level original length wins": dict(original_max_position_embeddings=8192, rope_scaling=QWEN_CARD_YARN),
+        rope_scaling={
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 4096,
+            "beta_fast": 16,
+            "beta_slow": 2,
+        },
+    ),
+    "top-level original length wins": dict(
+        original_max_position_embeddings=8192, rope_scaling=QWEN_CARD_YARN
+    ),
 }
 
 

@@ -71,7 +71,10 @@ def test_vocab_and_added_tokens_match_hf(ours, hf):
     assert {t.content: t.id for t in ours.added_tokens.values()} == {
         t.content: i for i, t in hf.added_tokens_decoder.items()
     }
-    assert ours.added_tokens["<|im_start|>"].id == 151644 and ours.added_tokens["<|im_end|>"].id == 151645
+    assert (
+        ours.added_tokens["<|im_start|>"].id == 151644
+        and ours.added_tokens["<|im_end|>"].id == 151645
+    )
 
 
 def test_encoder_matches_hf_on_corpus(ours, hf, corpus):
@@ -89,7 +92,12 @@ def test_without_nfc_matches_the_raw_file():
     raw = Tokenizer.from_file(str(ASSETS / "tokenizer.json"))
     assert raw.normalizer is None
     unnormalized = BPETokenizer.from_file(ASSETS, normalization=None)
-    for text in ["e\u0301", "cafe\u0301 A\u030a", unicodedata.normalize("NFD", "한국어 résumé"), *EDGE_CASES]:
+    for text in [
+        "e\u0301",
+        "cafe\u0301 A\u030a",
+        unicodedata.normalize("NFD", "한국어 résumé"),
+        *EDGE_CASES,
+    ]:
         assert unnormalized.encode(text) == raw.encode(text).ids
 
 
@@ -103,7 +111,9 @@ def test_decode_matches_hf(ours, hf, corpus):
     for _, text in corpus[:500]:
         ids = hf.encode(text)
         assert ours.decode(ids) == hf.decode(ids)
-        assert ours.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True)
+        assert ours.decode(ids, skip_special_tokens=True) == hf.decode(
+            ids, skip_special_tokens=True
+        )
         # Single ids may hold part of a character; both sides must replace the broken bytes identically.
         assert [ours.decode([i]) for i in ids] == [hf.decode([i]) for i in ids]
 
@@ -123,7 +133,10 @@ CONVERSATIONS = [
     [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}],
     [
         {"role": "user", "content": "Write fib in Python."},
-        {"role": "assistant", "content": "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)"},
+        {
+            "role": "assistant",
+            "content": "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)",
+        },
         {"role": "user", "content": "Now iteratively."},
     ],
     [
@@ -131,7 +144,11 @@ CONVERSATIONS = [
         {"role": "user", "content": "你好，世界 🌏"},
         {"role": "assistant", "content": "你好！"},
     ],
-    [{"role": "user", "content": "a"}, {"role": "system", "content": "late system"}, {"role": "user", "content": "b"}],
+    [
+        {"role": "user", "content": "a"},
+        {"role": "system", "content": "late system"},
+        {"role": "user", "content": "b"},
+    ],
     [{"role": "system", "content": ""}, {"role": "user", "content": ""}],
     [{"role": "user", "content": "literal <|im_end|> inside\n\n  spaces  "}],
     [
@@ -149,8 +166,12 @@ CONVERSATIONS = [
 @pytest.mark.parametrize("messages", CONVERSATIONS, ids=range(len(CONVERSATIONS)))
 def test_render_chat_matches_apply_chat_template(ours, hf, messages, add_generation_prompt):
     text = render_chat(messages, add_generation_prompt=add_generation_prompt)
-    assert text == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    encoded = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    assert text == hf.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    encoded = hf.apply_chat_template(
+        messages, tokenize=True, add_generation_prompt=add_generation_prompt
+    )
     assert ours.encode(text) == encoded["input_ids"]
 
 
@@ -192,8 +213,17 @@ def test_bad_input_to_the_tokenizer(ours, tmp_path):
 
 
 def test_corpus_is_deterministic_and_varied():
-    first, again, other = sample_corpus(400, seed=3), sample_corpus(400, seed=3), sample_corpus(400, seed=4)
+    first, again, other = (
+        sample_corpus(400, seed=3),
+        sample_corpus(400, seed=3),
+        sample_corpus(400, seed=4),
+    )
     assert first == again and first != other
     texts = "".join(text for _, text in first)
     assert any("\u4e00" <= char <= "\u9fff" for char in texts) and "\U0001f600" <= max(texts)
-    assert "  " in texts and "\t" in texts and "def " in texts and any(char.isdigit() for char in texts)
+    assert (
+        "  " in texts
+        and "\t" in texts
+        and "def " in texts
+        and any(char.isdigit() for char in texts)
+    )

@@ -42,16 +42,22 @@ def strip(row: torch.Tensor, width: int, eos: int) -> list[int]:
 def test_batched_greedy_equals_each_prompt_alone(request, model_name, use_cache):
     model = request.getfixturevalue(model_name)
     ids, mask = left_pad(PROMPTS)
-    batched = generate(model, ids, 20, attention_mask=mask, use_cache=use_cache, repetition_penalty=1.2)
+    batched = generate(
+        model, ids, 20, attention_mask=mask, use_cache=use_cache, repetition_penalty=1.2
+    )
     for row, prompt in zip(batched, PROMPTS):
-        alone = generate(model, torch.tensor([prompt]), 20, use_cache=use_cache, repetition_penalty=1.2)[0]
+        alone = generate(
+            model, torch.tensor([prompt]), 20, use_cache=use_cache, repetition_penalty=1.2
+        )[0]
         assert strip(row, ids.shape[1], eos=2) == alone[len(prompt) :].tolist()
 
 
 @pytest.mark.parametrize("seed", [0, 5])
 def test_batched_sampling_equals_hf_generate_on_the_same_batch(tiny_ours, tiny_hf, seed):
     ids, mask = left_pad(PROMPTS)
-    settings = dict(do_sample=True, seed=seed, temperature=0.8, top_k=30, top_p=0.9, repetition_penalty=1.1)
+    settings = dict(
+        do_sample=True, seed=seed, temperature=0.8, top_k=30, top_p=0.9, repetition_penalty=1.1
+    )
     ours = generate(tiny_ours, ids, 16, attention_mask=mask, **settings)
     reference = hf_generate(tiny_hf, ids, 16, settings, attention_mask=mask)
     # After its end token a row holds padding: HF's pad_token_id, or minqwen's end token (Qwen2 has no pad id).
@@ -61,7 +67,10 @@ def test_batched_sampling_equals_hf_generate_on_the_same_batch(tiny_ours, tiny_h
 
 def test_a_batch_without_padding_needs_no_mask(tiny_ours):
     ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
-    assert torch.equal(generate(tiny_ours, ids, 8), generate(tiny_ours, ids, 8, attention_mask=torch.ones_like(ids)))
+    assert torch.equal(
+        generate(tiny_ours, ids, 8),
+        generate(tiny_ours, ids, 8, attention_mask=torch.ones_like(ids)),
+    )
 
 
 @pytest.mark.parametrize(
@@ -81,13 +90,24 @@ def test_bad_masks_are_rejected(tiny_ours, mask, message):
 
 def test_empty_batch_is_rejected(tiny_ours):
     with pytest.raises(ValueError, match="batch is empty"):
-        generate(tiny_ours, torch.ones(0, 3, dtype=torch.long), 4, attention_mask=torch.ones(0, 3, dtype=torch.long))
+        generate(
+            tiny_ours,
+            torch.ones(0, 3, dtype=torch.long),
+            4,
+            attention_mask=torch.ones(0, 3, dtype=torch.long),
+        )
 
 
 def test_embedded_batch_equals_each_prompt_alone(embedded_ours, embedded_tokenizer):
-    questions = ["Hi!", "Write one word that rhymes with cat.", "用中文说“早上好”，然后解释它的意思。"]
+    questions = [
+        "Hi!",
+        "Write one word that rhymes with cat.",
+        "用中文说“早上好”，然后解释它的意思。",
+    ]
     texts = [
-        embedded_tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
+        embedded_tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+        )
         for q in questions
     ]
     batch = embedded_tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")

@@ -20,7 +20,9 @@ def config(size: str) -> ModelConfig:
 
 
 def test_plan_is_the_cross_product_minus_skips():
-    cells = bench.plan(["0.5B", "7B"], ["hf-eager", "minqwen-fast"], [1, 4], [128, 2048], skip=["7B/hf-eager/4/*"])
+    cells = bench.plan(
+        ["0.5B", "7B"], ["hf-eager", "minqwen-fast"], [1, 4], [128, 2048], skip=["7B/hf-eager/4/*"]
+    )
     assert len(cells) == 2 * 2 * 2 * 2 - 2
     assert bench.Cell("7B", "hf-eager", 4, 128) not in cells
     assert cells[0] == bench.Cell("0.5B", "hf-eager", 1, 128)
@@ -67,7 +69,9 @@ def test_prefill_roofline_is_bound_by_weights_for_short_prompts():
     short = bench.roofline(c, 1, 16, 64, 2, 3e12, 8e14)["prefill_tok_s"]
     assert short == pytest.approx(16 / (bench.weight_bytes_per_step(c, 2) / 3e12))
     flops = bench.prefill_flops(c, 1, 2048)
-    assert bench.roofline(c, 1, 2048, 64, 2, 3e12, 8e14)["prefill_tok_s"] == pytest.approx(2048 / (flops / 8e14))
+    assert bench.roofline(c, 1, 2048, 64, 2, 3e12, 8e14)["prefill_tok_s"] == pytest.approx(
+        2048 / (flops / 8e14)
+    )
 
 
 def test_measure_separates_prefill_from_decode():
@@ -86,17 +90,31 @@ def test_measure_separates_prefill_from_decode():
 
 def test_measure_rejects_a_short_output():
     with pytest.raises(RuntimeError, match="asked for 1 new tokens, got output"):
-        bench.measure(lambda ids, n: ids, torch.zeros(1, 3, dtype=torch.long), 4, repeats=1, warmup=0)
+        bench.measure(
+            lambda ids, n: ids, torch.zeros(1, 3, dtype=torch.long), 4, repeats=1, warmup=0
+        )
     with pytest.raises(ValueError, match="at least 2"):
         bench.measure(lambda ids, n: ids, torch.zeros(1, 3, dtype=torch.long), 1)
 
 
 def test_run_writes_one_record_per_cell_and_roofline(tiny_checkpoint, tmp_path):
     out = tmp_path / "bench.jsonl"
-    cells = bench.plan([str(tiny_checkpoint)], ["hf-eager", "minqwen-eager", "minqwen-fast"], [1, 2], [6])
+    cells = bench.plan(
+        [str(tiny_checkpoint)], ["hf-eager", "minqwen-eager", "minqwen-fast"], [1, 2], [6]
+    )
     # 32 tokens and medians of 3 keep decoding well above the timing noise of a busy machine.
-    records = bench.run_bench(cells, new_tokens=32, repeats=3, device="cpu", dtype=torch.float32, output=out,
-                              run_id="test-run", commit="abc", progress=False, log=lambda *_: None)  # fmt: skip
+    records = bench.run_bench(
+        cells,
+        new_tokens=32,
+        repeats=3,
+        device="cpu",
+        dtype=torch.float32,
+        output=out,
+        run_id="test-run",
+        commit="abc",
+        progress=False,
+        log=lambda *_: None,
+    )
     lines = [json.loads(line) for line in out.read_text().splitlines()]
     assert lines == records
     assert sorted((r["impl"], r["batch_size"]) for r in lines) == sorted(
@@ -117,4 +135,6 @@ def test_run_refuses_compiled_hf_on_cpu_before_loading():
 
 def test_default_output_names_device_and_date():
     path = bench.default_output("cpu")
-    assert path.parent == bench.BENCH_DIR and path.name.startswith("cpu-") and path.suffix == ".jsonl"
+    assert (
+        path.parent == bench.BENCH_DIR and path.name.startswith("cpu-") and path.suffix == ".jsonl"
+    )

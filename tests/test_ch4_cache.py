@@ -14,7 +14,9 @@ VARIANTS = {
     "gqa": {},
     "mqa_tied": dict(num_key_value_heads=1, tie_word_embeddings=True),
     "mha_3_layers": dict(num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=3),
-    "8_groups_theta_1e6": dict(num_attention_heads=8, num_key_value_heads=1, hidden_size=128, rope_theta=1e6),
+    "8_groups_theta_1e6": dict(
+        num_attention_heads=8, num_key_value_heads=1, hidden_size=128, rope_theta=1e6
+    ),
 }
 PROMPTS = [[5, 17, 99, 3, 42, 8, 11], [100], list(range(3, 60))]
 SAMPLING = [
@@ -26,18 +28,26 @@ SAMPLING = [
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def pair(request, tmp_path_factory):
-    folder = make_tiny_checkpoint(tmp_path_factory.mktemp(request.param), seed=1, **VARIANTS[request.param])
+    folder = make_tiny_checkpoint(
+        tmp_path_factory.mktemp(request.param), seed=1, **VARIANTS[request.param]
+    )
     hf = Qwen2ForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return minqwen.Qwen2.from_pretrained(folder), hf
 
 
 def hf_generate(hf, ids, max_new_tokens, settings, attention_mask=None):
     """transformers' generate() with every setting spelled out, so the checkpoint's generation_config adds nothing."""
-    options = dict(do_sample=settings["do_sample"], repetition_penalty=settings.get("repetition_penalty", 1.0))
+    options = dict(
+        do_sample=settings["do_sample"], repetition_penalty=settings.get("repetition_penalty", 1.0)
+    )
     if settings["do_sample"]:
         torch.manual_seed(settings["seed"])
-        options.update(temperature=settings.get("temperature", 1.0), top_k=settings.get("top_k", 0),
-                       top_p=settings.get("top_p", 1.0), min_p=settings.get("min_p") or None)  # fmt: skip
+        options.update(
+            temperature=settings.get("temperature", 1.0),
+            top_k=settings.get("top_k", 0),
+            top_p=settings.get("top_p", 1.0),
+            min_p=settings.get("min_p") or None,
+        )
     else:
         options.update(temperature=None, top_k=None, top_p=None)
     mask = torch.ones_like(ids) if attention_mask is None else attention_mask
@@ -74,8 +84,12 @@ def test_cache_layout_matches_transformers(tiny_ours, tiny_hf):
     config = tiny_ours.config
     for layer in range(config.num_hidden_layers):
         assert ours.keys[layer].shape == (2, config.num_key_value_heads, 5, config.head_dim)
-        torch.testing.assert_close(ours.keys[layer], theirs.layers[layer].keys, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(ours.values[layer], theirs.layers[layer].values, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            ours.keys[layer], theirs.layers[layer].keys, rtol=1e-5, atol=1e-6
+        )
+        torch.testing.assert_close(
+            ours.values[layer], theirs.layers[layer].values, rtol=1e-5, atol=1e-6
+        )
 
 
 def test_static_cache_grows_in_place(tiny_ours):
@@ -97,7 +111,9 @@ def test_static_cache_refuses_to_overflow(tiny_ours):
             tiny_ours(torch.tensor([[5]]), cache=cache)
 
 
-@pytest.mark.parametrize("settings", SAMPLING, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items()))
+@pytest.mark.parametrize(
+    "settings", SAMPLING, ids=lambda s: "-".join(f"{k}={v}" for k, v in s.items())
+)
 @pytest.mark.parametrize("prompt", PROMPTS, ids=lambda p: f"len{len(p)}")
 def test_cached_uncached_and_hf_generate_agree(pair, prompt, settings):
     ours, hf = pair
@@ -119,17 +135,28 @@ def test_generation_never_stops_early_with_no_end_token(tiny_ours):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(input_ids=torch.ones(1, 250, dtype=torch.long), max_new_tokens=10), "max_position_embeddings"),
+        (
+            dict(input_ids=torch.ones(1, 250, dtype=torch.long), max_new_tokens=10),
+            "max_position_embeddings",
+        ),
         (dict(input_ids=torch.ones(0, 4, dtype=torch.long)), "batch is empty"),
         (dict(attention_mask=torch.ones(1, 3, dtype=torch.long)), "attention_mask has shape"),
-        (dict(input_ids=torch.ones(2, 4, dtype=torch.long), attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])), "right padding"),
+        (
+            dict(
+                input_ids=torch.ones(2, 4, dtype=torch.long),
+                attention_mask=torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]]),
+            ),
+            "right padding",
+        ),
         (dict(input_ids=torch.ones(1, 0, dtype=torch.long)), "prompt is empty"),
         (dict(top_p=0.0), "top_p"),
         (dict(max_new_tokens=-1), "max_new_tokens"),
     ],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_bad_input_fails_before_any_forward_pass(tiny_ours, monkeypatch, kwargs, message, use_cache):
+def test_bad_input_fails_before_any_forward_pass(
+    tiny_ours, monkeypatch, kwargs, message, use_cache
+):
     def no_forward(*args, **kw):
         raise AssertionError("a forward pass ran before the input was checked")
 
@@ -141,9 +168,16 @@ def test_bad_input_fails_before_any_forward_pass(tiny_ours, monkeypatch, kwargs,
 
 def test_embedded_cached_uncached_and_hf_agree(embedded_ours, embedded_hf, embedded_tokenizer):
     messages = [{"role": "user", "content": "Name three prime numbers greater than 100."}]
-    ids = embedded_tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = embedded_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt"
+    )
     ids = ids["input_ids"] if not torch.is_tensor(ids) else ids
-    for settings in (dict(do_sample=False), dict(do_sample=True, seed=11, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)):  # fmt: skip
+    for settings in (
+        dict(do_sample=False),
+        dict(
+            do_sample=True, seed=11, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05
+        ),
+    ):
         cached = generate(embedded_ours, ids, 10, **settings)
         uncached = generate(embedded_ours, ids, 10, use_cache=False, **settings)
         reference = hf_generate(embedded_hf, ids, 10, settings)

@@ -16,8 +16,15 @@ from minqwen.generate import generate
 
 def run_cli(*args, stdin=None):
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
-    return subprocess.run([sys.executable, "-m", "minqwen", *args], input=stdin, capture_output=True, text=True,
-                          encoding="utf-8", env=env, timeout=300)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "minqwen", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        timeout=300,
+    )
 
 
 def assert_one_line_error(stderr: str, *fragments: str):
@@ -75,7 +82,17 @@ def test_no_gpu_is_a_clear_error(capsys):
 
 
 def test_prompt_beyond_the_context_is_rejected(tiny_checkpoint_with_tokenizer, capsys):
-    code = main(["generate", "hi", "--raw", "--model", str(tiny_checkpoint_with_tokenizer), "--max-new-tokens", "1000"])
+    code = main(
+        [
+            "generate",
+            "hi",
+            "--raw",
+            "--model",
+            str(tiny_checkpoint_with_tokenizer),
+            "--max-new-tokens",
+            "1000",
+        ]
+    )
     assert code == 2
     assert_one_line_error(capsys.readouterr().err, "max_position_embeddings (256)")
 
@@ -93,25 +110,61 @@ def tiny(tiny_checkpoint_with_tokenizer):
 
 
 def expected_reply(model, tokenizer, ids, max_new_tokens, **settings) -> str:
-    new = generate(model, torch.tensor([ids]), max_new_tokens, eos_token_id=151645, **settings)[0, len(ids) :]
+    new = generate(model, torch.tensor([ids]), max_new_tokens, eos_token_id=151645, **settings)[
+        0, len(ids) :
+    ]
     return tokenizer.decode(new, skip_special_tokens=True)
 
 
 def test_generate_raw_streams_what_generate_returns(tiny, capsys):
     folder, model, tokenizer = tiny
-    assert main(["generate", "Once upon a time", "--raw", "--model", str(folder), "--max-new-tokens", "12"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "Once upon a time",
+                "--raw",
+                "--model",
+                str(folder),
+                "--max-new-tokens",
+                "12",
+            ]
+        )
+        == 0
+    )
     ids = tokenizer("Once upon a time")["input_ids"]
     assert capsys.readouterr().out == expected_reply(model, tokenizer, ids, 12) + "\n"
 
 
 def test_generate_applies_the_chat_template_and_system_message(tiny, capsys):
     folder, model, tokenizer = tiny
-    args = ["generate", "你好", "--system", "Answer in Chinese.", "--model", str(folder), "--max-new-tokens", "10",
-            "--seed", "3", "--temperature", "0.9", "--top-k", "40"]  # fmt: skip
+    args = [
+        "generate",
+        "你好",
+        "--system",
+        "Answer in Chinese.",
+        "--model",
+        str(folder),
+        "--max-new-tokens",
+        "10",
+        "--seed",
+        "3",
+        "--temperature",
+        "0.9",
+        "--top-k",
+        "40",
+    ]
     assert main(args) == 0
-    messages = [{"role": "system", "content": "Answer in Chinese."}, {"role": "user", "content": "你好"}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
-    reply = expected_reply(model, tokenizer, ids, 10, do_sample=True, seed=3, temperature=0.9, top_k=40)
+    messages = [
+        {"role": "system", "content": "Answer in Chinese."},
+        {"role": "user", "content": "你好"},
+    ]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)[
+        "input_ids"
+    ]
+    reply = expected_reply(
+        model, tokenizer, ids, 10, do_sample=True, seed=3, temperature=0.9, top_k=40
+    )
     assert capsys.readouterr().out == reply + "\n"
 
 
@@ -122,7 +175,9 @@ def test_chat_reads_turns_from_a_pipe_and_keeps_the_history(tiny, capsys, monkey
     messages, replies = [], []
     for turn in ("hello", "你好吗"):
         messages.append({"role": "user", "content": turn})
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)[
+            "input_ids"
+        ]
         replies.append(expected_reply(model, tokenizer, ids, 6))
         messages.append({"role": "assistant", "content": replies[-1]})
     assert capsys.readouterr().out == "".join(r + "\n" for r in replies)
@@ -137,7 +192,9 @@ def test_embedded_generate_streams_chinese(embedded_path):
 
 
 def test_embedded_chat_from_a_pipe(embedded_path):
-    result = run_cli("chat", "--greedy", "--max-new-tokens", "12", "--stop", "。", stdin="用中文说你好\n")
+    result = run_cli(
+        "chat", "--greedy", "--max-new-tokens", "12", "--stop", "。", stdin="用中文说你好\n"
+    )
     assert result.returncode == 0, result.stderr
     reply = result.stdout.strip()
     assert reply and "。" not in reply and any("\u4e00" <= ch <= "\u9fff" for ch in reply)

@@ -55,7 +55,9 @@ def test_end_tokens_pad_and_stop_like_eager(tiny_ours, fast_tiny):
     ends = [int(free[0, 6 + 4]), int(free[1, 6 + 9])]
     eager = minqwen.generate(tiny_ours, ids, 30, eos_token_id=ends)
     fast = fast_tiny.generate(ids, 30, eos_token_id=ends)
-    assert eager.shape[1] < ids.shape[1] + 30, "the chosen end tokens should stop the eager loop early"
+    assert eager.shape[1] < ids.shape[1] + 30, (
+        "the chosen end tokens should stop the eager loop early"
+    )
     assert torch.equal(fast, eager)
 
 
@@ -79,7 +81,9 @@ def test_agreement_reports_a_rounding_level_gap_in_bf16(tiny_checkpoint):
     model = minqwen.Qwen2.from_pretrained(tiny_checkpoint, dtype=torch.bfloat16)
     rows = greedy_agreement(model, FastQwen2(model, bucket=16), random_prompts(3, 11, seed=0), 32)
     parted = [r for r in rows if r["same"] < 32]
-    for r in parted:  # where bf16 paths part, the two choices are a few rounding steps apart, not a real gap
+    for r in (
+        parted
+    ):  # where bf16 paths part, the two choices are a few rounding steps apart, not a real gap
         assert abs(r["gap_ulps"]) <= 8, r
 
 
@@ -103,9 +107,11 @@ def _prompts() -> list[str]:
 
 def test_embedded_model_first_tokens_equal_eager(embedded_ours, embedded_tokenizer):
     texts = [
-        embedded_tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        embedded_tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
+        )
         for p in _prompts()
-    ]  # fmt: skip
+    ]
     embedded_tokenizer.padding_side = "left"
     batch = embedded_tokenizer(texts, return_tensors="pt", padding=True)
     ids, mask = batch["input_ids"], batch["attention_mask"]

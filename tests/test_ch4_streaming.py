@@ -79,7 +79,10 @@ def test_invalid_byte_followed_by_text_is_not_held_forever(tokenizer):
 
 
 def test_special_tokens_are_skipped_unless_asked_for(tokenizer):
-    ids = [*tokenizer("hi", add_special_tokens=False)["input_ids"], tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    ids = [
+        *tokenizer("hi", add_special_tokens=False)["input_ids"],
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    ]
     assert "".join(pieces_of(tokenizer, ids)) == "hi"
     detokenizer = Detokenizer(tokenizer, skip_special_tokens=False)
     assert "".join(detokenizer.push(i) for i in ids) == "hi<|im_end|>"
@@ -137,7 +140,11 @@ def test_stream_without_stops_equals_decode(tiny, tokenizer, free_run):
 def test_stream_stops_on_a_stop_string_that_straddles_tokens(tiny, tokenizer, free_run):
     prompt, new = free_run
     texts = [tokenizer.decode([t]) for t in new]
-    i = next(i for i in range(5, len(new) - 1) if texts[i].strip() and texts[i + 1].strip() and REPLACEMENT not in texts[i] + texts[i + 1])  # fmt: skip
+    i = next(
+        i
+        for i in range(5, len(new) - 1)
+        if texts[i].strip() and texts[i + 1].strip() and REPLACEMENT not in texts[i] + texts[i + 1]
+    )
     stop = texts[i][-1] + texts[i + 1][0]
     full = tokenizer.decode(new)
     pieces = stream(tiny, tokenizer, prompt, len(new), stop=stop, eos_token_id=[])
@@ -156,7 +163,10 @@ def test_stream_stops_on_eos_and_does_not_emit_it(tiny, tokenizer, free_run):
 
 
 def test_stream_takes_text_and_sampling_keywords(tiny, tokenizer):
-    runs = [list(stream(tiny, tokenizer, "你好", 12, eos_token_id=[], do_sample=True, top_k=50, seed=3)) for _ in range(2)]
+    runs = [
+        list(stream(tiny, tokenizer, "你好", 12, eos_token_id=[], do_sample=True, top_k=50, seed=3))
+        for _ in range(2)
+    ]
     assert runs[0] == runs[1] and "".join(runs[0])
 
 
@@ -176,9 +186,13 @@ def test_bad_input_is_rejected(tiny, tokenizer, prompt, kwargs, message):
         stream(tiny, tokenizer, prompt, **kwargs)
 
 
-def test_embedded_model_streams_chinese_without_broken_characters(embedded_ours, embedded_tokenizer):
+def test_embedded_model_streams_chinese_without_broken_characters(
+    embedded_ours, embedded_tokenizer
+):
     messages = [{"role": "user", "content": "用一句话介绍长城，加一个表情符号。"}]
-    ids = embedded_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+    ids = embedded_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True
+    )["input_ids"]
     pieces = stream(embedded_ours, embedded_tokenizer, ids, 20, eos_token_id=[151645, 151643])
     chunks = list(pieces)
     assert not any(REPLACEMENT in c for c in chunks)

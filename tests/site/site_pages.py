@@ -23,5 +23,7 @@ def toc_entries() -> list[tuple[str | None, str]]:
 def built_site() -> Path:
     """book/_build/html, failing the test with what to run when it has not been built."""
     if not (SITE / "index.html").is_file():
-        pytest.fail(f"{SITE} holds no built site; run `make site` first (or `make site-check`, which builds it)")
+        pytest.fail(
+            f"{SITE} holds no built site; run `make site` first (or `make site-check`, which builds it)"
+        )
     return SITE

@@ -13,14 +13,21 @@ import threading
 from urllib.parse import urldefrag, urljoin, urlsplit
 
 import pytest
+
 from site_pages import built_site, toc_entries
 
 CHROMIUM = os.environ.get("MINQWEN_CHROMIUM", "/usr/bin/chromium")
 # Without the background-networking flags Chromium phones home at start; offline that means refused connections.
 CHROMIUM_ARGS = [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-]  # fmt: skip
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 TIMEOUT_MS = 30_000
 
 
@@ -50,7 +57,9 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"no Chromium at {CHROMIUM}; `make site-check` installs Debian's chromium, or set CHROMIUM=/path")
+        pytest.fail(
+            f"no Chromium at {CHROMIUM}; `make site-check` installs Debian's chromium, or set CHROMIUM=/path"
+        )
     with sync_playwright() as playwright:
         chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         yield chromium
@@ -66,10 +75,19 @@ class PageVisit:
         page = browser.new_page()
         page.set_default_timeout(TIMEOUT_MS)
         page.route("**/*", self._only_the_site)
-        page.on("console", lambda m: m.type == "error" and self.problems.append(f"console error: {m.text}"))
+        page.on(
+            "console",
+            lambda m: m.type == "error" and self.problems.append(f"console error: {m.text}"),
+        )
         page.on("pageerror", lambda e: self.problems.append(f"uncaught exception: {e}"))
-        page.on("requestfailed", lambda r: self.problems.append(f"request failed: {r.url} ({r.failure})"))
-        page.on("response", lambda r: r.status >= 400 and self.problems.append(f"HTTP {r.status}: {r.url}"))
+        page.on(
+            "requestfailed",
+            lambda r: self.problems.append(f"request failed: {r.url} ({r.failure})"),
+        )
+        page.on(
+            "response",
+            lambda r: r.status >= 400 and self.problems.append(f"HTTP {r.status}: {r.url}"),
+        )
         try:
             page.goto(url, wait_until="load")
             self.images = page.evaluate(
@@ -85,7 +103,9 @@ class PageVisit:
             )
             self.typeset = self.tex_errors = 0
             if self.formulas:
-                page.wait_for_function("() => window.MathJax && MathJax.startup && MathJax.startup.promise")
+                page.wait_for_function(
+                    "() => window.MathJax && MathJax.startup && MathJax.startup.promise"
+                )
                 self.typeset, self.tex_errors = page.evaluate(
                     """async () => {
                         await MathJax.startup.promise;
@@ -97,7 +117,8 @@ class PageVisit:
                 "nav.bd-docs-nav a.reference.internal", "(links) => links.map((a) => a.href)"
             )
             self.sidebar_parts = page.eval_on_selector_all(
-                "nav.bd-docs-nav .caption-text", "(captions) => captions.map((c) => c.textContent.trim())"
+                "nav.bd-docs-nav .caption-text",
+                "(captions) => captions.map((c) => c.textContent.trim())",
             )
             # Fonts and scripts that typesetting pulled in must have arrived too.
             page.wait_for_load_state("networkidle")
@@ -115,7 +136,10 @@ class PageVisit:
 @pytest.fixture(scope="module")
 def visits(browser, base_url) -> dict[str, PageVisit]:
     """Every page in _toc.yml, visited once; the tests below read what each visit saw."""
-    return {doc: PageVisit(browser, base_url, urljoin(base_url, f"{doc}.html")) for _, doc in toc_entries()}
+    return {
+        doc: PageVisit(browser, base_url, urljoin(base_url, f"{doc}.html"))
+        for _, doc in toc_entries()
+    }
 
 
 def test_index_opens_the_book(browser, base_url):
@@ -135,7 +159,11 @@ def test_pages_load_cleanly(visits):
 
 
 def test_every_image_decodes(visits):
-    broken = {doc: bad for doc, v in visits.items() if (bad := [src for src, width in v.images if width == 0])}
+    broken = {
+        doc: bad
+        for doc, v in visits.items()
+        if (bad := [src for src, width in v.images if width == 0])
+    }
     assert not broken, f"images that do not decode: {broken}"
 
 
@@ -159,7 +187,9 @@ def test_sidebar_lists_every_chapter(visits, base_url):
         listed = {_page_url(href) for href in v.sidebar_links}
         missing = [page for page in expected_pages if page not in listed]
         assert not missing, f"{doc}: the sidebar does not link {missing}"
-        assert v.sidebar_parts == expected_parts, f"{doc}: sidebar parts {v.sidebar_parts}, _toc.yml {expected_parts}"
+        assert v.sidebar_parts == expected_parts, (
+            f"{doc}: sidebar parts {v.sidebar_parts}, _toc.yml {expected_parts}"
+        )
 
 
 def _page_url(href: str) -> str:

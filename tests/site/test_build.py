@@ -29,5 +29,7 @@ def test_pages_ask_nothing_of_a_cdn():
     """Every script, stylesheet and image is referenced by a relative path; the browser test proves they load."""
     site = built_site()
     for page in site.rglob("*.html"):
-        remote = re.findall(r'<(?:script|link|img)[^>]+(?:src|href)="((?:https?:)?//[^"]+)"', page.read_text())
+        remote = re.findall(
+            r'<(?:script|link|img)[^>]+(?:src|href)="((?:https?:)?//[^"]+)"', page.read_text()
+        )
         assert not remote, f"{page.relative_to(site)} loads {remote}"

@@ -21,15 +21,26 @@
 # %%
 # NBVAL_IGNORE_OUTPUT
 import pandas as pd
-from helpers import DEVICE, show_source, stamp
 
 import minqwen
-from minqwen.hardware import HEADROOM, kv_cache_bytes_per_token, memory_estimate, recommend_size
+from minqwen.hardware import (
+    HEADROOM,
+    kv_cache_bytes_per_token,
+    memory_estimate,
+    recommend_size,
+)
 from minqwen.sizes import SIZES, parameter_count
+
+from helpers import DEVICE, show_source, stamp
 
 report = minqwen.hardware()
 GIB = 2**30
-pd.Series({k: (f"{v / GIB:.1f} GiB" if k.endswith("_bytes") and v else v) for k, v in report.to_dict().items()})
+pd.Series(
+    {
+        k: (f"{v / GIB:.1f} GiB" if k.endswith("_bytes") and v else v)
+        for k, v in report.to_dict().items()
+    }
+)
 
 # %% [markdown]
 # The report above depends on the machine, so the book does not compare it between runs; it checks only what
@@ -57,16 +68,20 @@ show_source(memory_estimate)
 rows = []
 for size in SIZES:
     est = memory_estimate(size, "bfloat16", context=4096)
-    rows.append({
-        "size": size,
-        "parameters (B)": round(parameter_count(size) / 1e9, 3),
-        "KV bytes/token": kv_cache_bytes_per_token(size, "bfloat16"),
-        "weights GiB": round(est["weights"] / GIB, 2),
-        "KV @4k GiB": round(est["kv_cache"] / GIB, 2),
-        "activations GiB": round(est["activations"] / GIB, 2),
-        "total bf16 GiB": round(est["total"] / GIB, 2),
-        "total fp32 GiB": round(memory_estimate(size, "float32", context=4096)["total"] / GIB, 2),
-    })
+    rows.append(
+        {
+            "size": size,
+            "parameters (B)": round(parameter_count(size) / 1e9, 3),
+            "KV bytes/token": kv_cache_bytes_per_token(size, "bfloat16"),
+            "weights GiB": round(est["weights"] / GIB, 2),
+            "KV @4k GiB": round(est["kv_cache"] / GIB, 2),
+            "activations GiB": round(est["activations"] / GIB, 2),
+            "total bf16 GiB": round(est["total"] / GIB, 2),
+            "total fp32 GiB": round(
+                memory_estimate(size, "float32", context=4096)["total"] / GIB, 2
+            ),
+        }
+    )
 sizes = pd.DataFrame(rows).set_index("size")
 sizes
 
@@ -76,7 +91,11 @@ sizes
 # query heads.
 
 # %%
-assert [round(parameter_count(s) / 1e9, 3) for s in ("0.5B", "1.5B", "7B")] == [0.494, 1.544, 7.616]
+assert [round(parameter_count(s) / 1e9, 3) for s in ("0.5B", "1.5B", "7B")] == [
+    0.494,
+    1.544,
+    7.616,
+]
 assert kv_cache_bytes_per_token("7B") == 2 * 28 * 4 * 128 * 2
 
 # %% [markdown]
@@ -90,15 +109,32 @@ assert kv_cache_bytes_per_token("7B") == 2 * 28 * 4 * 128 * 2
 show_source(recommend_size)
 
 # %%
-budgets = {"laptop 16 GiB": 16, "RTX 4090 24 GiB": 24, "A100 40 GiB": 40, "H100 80 GiB": 80, "H200 141 GiB": 141}
+budgets = {
+    "laptop 16 GiB": 16,
+    "RTX 4090 24 GiB": 24,
+    "A100 40 GiB": 40,
+    "H100 80 GiB": 80,
+    "H200 141 GiB": 141,
+}
 advice = pd.DataFrame(
-    {dtype: {name: recommend_size(gib * GIB, dtype) or "-" for name, gib in budgets.items()} for dtype in ("bfloat16", "float32")}
+    {
+        dtype: {
+            name: recommend_size(gib * GIB, dtype) or "-"
+            for name, gib in budgets.items()
+        }
+        for dtype in ("bfloat16", "float32")
+    }
 )
 advice
 
 # %%
-assert recommend_size(80 * GIB, "bfloat16") == "32B" and recommend_size(141 * GIB, "bfloat16") == "32B"
-assert memory_estimate("72B")["total"] > HEADROOM * 141 * GIB  # 72B in bf16 needs two cards
+assert (
+    recommend_size(80 * GIB, "bfloat16") == "32B"
+    and recommend_size(141 * GIB, "bfloat16") == "32B"
+)
+assert (
+    memory_estimate("72B")["total"] > HEADROOM * 141 * GIB
+)  # 72B in bf16 needs two cards
 assert recommend_size(1 * GIB, "float32") is None
 
 # %% [markdown]
@@ -111,10 +147,20 @@ import matplotlib.pyplot as plt
 contexts = [2**k for k in range(10, 18)]
 fig, ax = plt.subplots()
 for size in ("0.5B", "1.5B", "7B", "14B"):
-    ax.plot(contexts, [memory_estimate(size, "bfloat16", c)["total"] / GIB for c in contexts], marker="o", label=size)
+    ax.plot(
+        contexts,
+        [memory_estimate(size, "bfloat16", c)["total"] / GIB for c in contexts],
+        marker="o",
+        label=size,
+    )
 ax.axhline(80 * HEADROOM, color="gray", ls="--", label="90% of 80 GiB")
-ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="GiB (bf16, batch 1)",
-       title="Memory needed against context length")  # fmt: skip
+ax.set(
+    xscale="log",
+    yscale="log",
+    xlabel="context length (tokens)",
+    ylabel="GiB (bf16, batch 1)",
+    title="Memory needed against context length",
+)
 ax.legend()
 plt.show()
 
@@ -125,5 +171,7 @@ plt.show()
 # NBVAL_IGNORE_OUTPUT
 where = "GPU" if report.gpu else "available RAM"
 best = {d: recommend_size(report.accelerator_bytes, d) for d in ("bfloat16", "float32")}
-print(f"{report.accelerator_bytes / GIB:.1f} GiB of {where}: largest size bf16 {best['bfloat16']}, fp32 {best['float32']}")
+print(
+    f"{report.accelerator_bytes / GIB:.1f} GiB of {where}: largest size bf16 {best['bfloat16']}, fp32 {best['float32']}"
+)
 assert best["bfloat16"] is not None, "this machine cannot hold even Qwen2.5-0.5B"

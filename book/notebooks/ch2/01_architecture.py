@@ -31,7 +31,6 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
-from helpers import is_book_model, model_path, show_source
 from matplotlib.patches import FancyBboxPatch
 from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -39,11 +38,18 @@ import minqwen
 from minqwen.config import ModelConfig
 from minqwen.sizes import SIZES, parameter_count, qwen25_config, released_size
 
+from helpers import is_book_model, model_path, show_source
+
 hf_config = AutoConfig.from_pretrained(model_path())
 with torch.device("meta"):
     hf = Qwen2ForCausalLM(hf_config)
 config = ModelConfig.from_file(model_path())
-print(type(hf).__name__, f"{sum(p.numel() for p in hf.parameters()):,} parameters", "on", next(hf.parameters()).device)
+print(
+    type(hf).__name__,
+    f"{sum(p.numel() for p in hf.parameters()):,} parameters",
+    "on",
+    next(hf.parameters()).device,
+)
 
 # %% [markdown]
 # ## The modules
@@ -56,9 +62,13 @@ modules = dict(hf.named_modules())
 
 
 def describe(module) -> str:
-    shape = {"Linear": lambda m: f"{m.in_features} -> {m.out_features}, bias={m.bias is not None}",
-             "Embedding": lambda m: f"{m.num_embeddings} x {m.embedding_dim}",
-             "Qwen2RMSNorm": lambda m: f"{m.weight.shape[0]}, eps={m.variance_epsilon:.0e}"}  # fmt: skip
+    shape = {
+        "Linear": lambda m: (
+            f"{m.in_features} -> {m.out_features}, bias={m.bias is not None}"
+        ),
+        "Embedding": lambda m: f"{m.num_embeddings} x {m.embedding_dim}",
+        "Qwen2RMSNorm": lambda m: f"{m.weight.shape[0]}, eps={m.variance_epsilon:.0e}",
+    }
     kind = type(module).__name__
     return f"{kind}({shape[kind](module)})" if kind in shape else kind
 
@@ -67,16 +77,24 @@ for name, module in modules.items():
     if not name.startswith("model.layers.") or name.startswith("model.layers.0"):
         print(f"{name or '(root)':42s} {describe(module)}")
 last = config.num_hidden_layers - 1
-print(f"{f'model.layers.1 ... model.layers.{last}':42s} {last} more Qwen2DecoderLayer, each shaped like model.layers.0")
+print(
+    f"{f'model.layers.1 ... model.layers.{last}':42s} {last} more Qwen2DecoderLayer, each shaped like model.layers.0"
+)
 
 
 # %%
 def layer_structure(i: int) -> list[tuple[str, str]]:
     prefix = f"model.layers.{i}"
-    return [(n.removeprefix(prefix), describe(m)) for n, m in modules.items() if n.startswith(prefix + ".") or n == prefix]
+    return [
+        (n.removeprefix(prefix), describe(m))
+        for n, m in modules.items()
+        if n.startswith(prefix + ".") or n == prefix
+    ]
 
 
-assert all(layer_structure(i) == layer_structure(0) for i in range(config.num_hidden_layers))
+assert all(
+    layer_structure(i) == layer_structure(0) for i in range(config.num_hidden_layers)
+)
 counts = Counter(type(m).__name__ for m in modules.values())
 pd.Series(counts, name="modules").to_frame()
 
@@ -86,8 +104,13 @@ pd.Series(counts, name="modules").to_frame()
 # in HF that holds only a buffer of frequencies; `act_fn` is the SiLU inside each MLP.
 
 # %%
-assert counts["Linear"] == 7 * config.num_hidden_layers + 1 and counts["Qwen2RMSNorm"] == 2 * config.num_hidden_layers + 1
-assert counts["Qwen2RotaryEmbedding"] == 1 and not list(modules["model.rotary_emb"].parameters())
+assert (
+    counts["Linear"] == 7 * config.num_hidden_layers + 1
+    and counts["Qwen2RMSNorm"] == 2 * config.num_hidden_layers + 1
+)
+assert counts["Qwen2RotaryEmbedding"] == 1 and not list(
+    modules["model.rotary_emb"].parameters()
+)
 
 # %% [markdown]
 # minqwen mirrors this tree name for name, without HF's `model.` prefix (chapter 2.2 maps the weights on exactly
@@ -99,8 +122,15 @@ with torch.device("meta"):
     ours = minqwen.Qwen2(config)
 hf_names = {n.removeprefix("model.") for n in modules if n not in ("", "model")}
 our_names = {n for n, _ in ours.named_modules() if n}
-print("HF only:", sorted({n.split(".")[-1] for n in hf_names - our_names}), "| minqwen only:", sorted(our_names - hf_names))
-assert {n for n in hf_names - our_names if not n.endswith((".act_fn", "rotary_emb"))} == set() and our_names <= hf_names
+print(
+    "HF only:",
+    sorted({n.split(".")[-1] for n in hf_names - our_names}),
+    "| minqwen only:",
+    sorted(our_names - hf_names),
+)
+assert {
+    n for n in hf_names - our_names if not n.endswith((".act_fn", "rotary_emb"))
+} == set() and our_names <= hf_names
 
 # %% [markdown]
 # ## The computation graph
@@ -119,22 +149,56 @@ def draw_graph():
     ax.axis("off")
 
     def box(x, y, text, color, width=3.6, height=0.72):
-        ax.add_patch(FancyBboxPatch((x - width / 2, y - height / 2), width, height, boxstyle="round,pad=0.04",
-                                    facecolor=color, edgecolor="0.3"))  # fmt: skip
+        ax.add_patch(
+            FancyBboxPatch(
+                (x - width / 2, y - height / 2),
+                width,
+                height,
+                boxstyle="round,pad=0.04",
+                facecolor=color,
+                edgecolor="0.3",
+            )
+        )
         ax.text(x, y, text, ha="center", va="center", fontsize=8.5)
         return x, y, height
 
     def arrow(a, b, **style):
-        ax.annotate("", xy=(b[0], b[1] + b[2] / 2), xytext=(a[0], a[1] - a[2] / 2),
-                    arrowprops=dict(arrowstyle="-|>", color="0.3", **style))  # fmt: skip
+        ax.annotate(
+            "",
+            xy=(b[0], b[1] + b[2] / 2),
+            xytext=(a[0], a[1] - a[2] / 2),
+            arrowprops=dict(arrowstyle="-|>", color="0.3", **style),
+        )
 
-    blue, green, orange, gray, pink = "#dbe9f6", "#dff2df", "#fde5cc", "#eeeeee", "#f8dde6"
+    blue, green, orange, gray, pink = (
+        "#dbe9f6",
+        "#dff2df",
+        "#fde5cc",
+        "#eeeeee",
+        "#f8dde6",
+    )
     left = [
-        box(2.1, 11.6, f"input_ids [b, s]", gray),
+        box(2.1, 11.6, "input_ids [b, s]", gray),
         box(2.1, 10.2, f"Embedding\n{c.vocab_size} x {c.hidden_size}", blue),
-        box(2.1, 8.4, f"Decoder layer x {c.num_hidden_layers}\nx: [b, s, {c.hidden_size}]", pink, height=1.4),
+        box(
+            2.1,
+            8.4,
+            f"Decoder layer x {c.num_hidden_layers}\nx: [b, s, {c.hidden_size}]",
+            pink,
+            height=1.4,
+        ),
         box(2.1, 6.6, f"RMSNorm (eps {c.rms_norm_eps:.0e})", green),
-        box(2.1, 5.2, f"LM head {c.hidden_size} -> {c.vocab_size}\n" + ("tied to the embedding" if c.tie_word_embeddings else "its own matrix (untied)"), blue),  # fmt: skip
+        box(
+            2.1,
+            5.2,
+            f"LM head {c.hidden_size} -> {c.vocab_size}\n"
+            + (
+                "tied to the embedding"
+                if c.tie_word_embeddings
+                else "its own matrix (untied)"
+            ),
+            blue,
+        ),
         box(2.1, 3.8, f"logits [b, s, {c.vocab_size}]", gray),
     ]
     for a, b in zip(left, left[1:]):
@@ -143,27 +207,91 @@ def draw_graph():
     right = [
         box(7.0, 11.8, f"x [b, s, {c.hidden_size}]", gray, height=0.5),
         box(7.0, 10.9, "RMSNorm (input_layernorm)", green, height=0.55),
-        box(7.0, 9.85, f"q_proj, k_proj, v_proj (with bias)\nq: {c.num_attention_heads} heads, k, v: {c.num_key_value_heads} heads, x {c.head_dim}", orange, width=4.4, height=0.85),  # fmt: skip
-        box(7.0, 8.8, f"RoPE on q and k (theta {c.rope_theta:.0e})", orange, width=4.4, height=0.55),
-        box(7.0, 7.8, f"GQA: softmax(q k^T / sqrt({c.head_dim}) + causal) v\neach kv head serves {g} query heads", orange, width=4.4, height=0.85),  # fmt: skip
-        box(7.0, 6.8, f"o_proj {c.num_attention_heads * c.head_dim} -> {c.hidden_size}", orange, width=4.4, height=0.55),
+        box(
+            7.0,
+            9.85,
+            f"q_proj, k_proj, v_proj (with bias)\nq: {c.num_attention_heads} heads, k, v: {c.num_key_value_heads} heads, x {c.head_dim}",
+            orange,
+            width=4.4,
+            height=0.85,
+        ),
+        box(
+            7.0,
+            8.8,
+            f"RoPE on q and k (theta {c.rope_theta:.0e})",
+            orange,
+            width=4.4,
+            height=0.55,
+        ),
+        box(
+            7.0,
+            7.8,
+            f"GQA: softmax(q k^T / sqrt({c.head_dim}) + causal) v\neach kv head serves {g} query heads",
+            orange,
+            width=4.4,
+            height=0.85,
+        ),
+        box(
+            7.0,
+            6.8,
+            f"o_proj {c.num_attention_heads * c.head_dim} -> {c.hidden_size}",
+            orange,
+            width=4.4,
+            height=0.55,
+        ),
         box(7.0, 5.95, "+ residual", gray, width=1.6, height=0.5),
         box(7.0, 5.1, "RMSNorm (post_attention_layernorm)", green, height=0.55),
-        box(7.0, 4.0, f"SwiGLU MLP: down(silu(gate(x)) * up(x))\n{c.hidden_size} -> {c.intermediate_size} -> {c.hidden_size}", blue, width=4.4, height=0.85),  # fmt: skip
+        box(
+            7.0,
+            4.0,
+            f"SwiGLU MLP: down(silu(gate(x)) * up(x))\n{c.hidden_size} -> {c.intermediate_size} -> {c.hidden_size}",
+            blue,
+            width=4.4,
+            height=0.85,
+        ),
         box(7.0, 2.95, "+ residual", gray, width=1.6, height=0.5),
         box(7.0, 2.15, f"x [b, s, {c.hidden_size}]", gray, height=0.5),
     ]
     for a, b in zip(right, right[1:]):
         arrow(a, b)
-    for (start, end), x in zip(((right[0], right[6]), (right[6], right[9])), (9.55, 9.75)):
+    for (start, end), x in zip(
+        ((right[0], right[6]), (right[6], right[9])), (9.55, 9.75)
+    ):
         # the residual stream bypasses each block and is added back after it
-        ax.plot([start[0] + 1.0, x, x], [start[1], start[1], end[1]], color="#c0392b", lw=1.2)
-        ax.annotate("", xy=(end[0] + 0.8, end[1]), xytext=(x, end[1]), arrowprops=dict(arrowstyle="-|>", color="#c0392b", lw=1.2))  # fmt: skip
-    ax.text(9.9, 7.4, "residual stream", rotation=90, color="#c0392b", fontsize=8, va="center")
-    ax.plot([3.9, 4.7], [9.1, 12.05], ls=":", color="0.5")  # the pink box on the left, expanded on the right
+        ax.plot(
+            [start[0] + 1.0, x, x],
+            [start[1], start[1], end[1]],
+            color="#c0392b",
+            lw=1.2,
+        )
+        ax.annotate(
+            "",
+            xy=(end[0] + 0.8, end[1]),
+            xytext=(x, end[1]),
+            arrowprops=dict(arrowstyle="-|>", color="#c0392b", lw=1.2),
+        )
+    ax.text(
+        9.9,
+        7.4,
+        "residual stream",
+        rotation=90,
+        color="#c0392b",
+        fontsize=8,
+        va="center",
+    )
+    ax.plot(
+        [3.9, 4.7], [9.1, 12.05], ls=":", color="0.5"
+    )  # the pink box on the left, expanded on the right
     ax.plot([3.9, 4.7], [7.7, 1.9], ls=":", color="0.5")
     ax.text(2.1, 12.25, "Qwen2ForCausalLM", ha="center", fontsize=10, weight="bold")
-    ax.text(7.0, 12.3, "one decoder layer (pre-norm)", ha="center", fontsize=10, weight="bold")
+    ax.text(
+        7.0,
+        12.3,
+        "one decoder layer (pre-norm)",
+        ha="center",
+        fontsize=10,
+        weight="bold",
+    )
     return fig
 
 
@@ -227,7 +355,9 @@ for size in SIZES:
         "minqwen model": sum(p.numel() for p in ours_size.parameters()),
     }
 built = pd.DataFrame(built).T
-assert (built["formula"] == built["HF model"]).all() and (built["formula"] == built["minqwen model"]).all()
+assert (built["formula"] == built["HF model"]).all() and (
+    built["formula"] == built["minqwen model"]
+).all()
 built.map(lambda n: f"{n:,}")
 
 # %% [markdown]
@@ -242,13 +372,32 @@ built.map(lambda n: f"{n:,}")
 # %%
 embedded_raw = json.loads((model_path() / "config.json").read_text())
 size = released_size(embedded_raw)
-assert size is not None, "this section compares the model's config with a released Qwen2.5 size's"
+assert size is not None, (
+    "this section compares the model's config with a released Qwen2.5 size's"
+)
 reference = ModelConfig.from_dict(qwen25_config(size))
-fields = ["hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
-          "num_hidden_layers", "rope_theta", "rms_norm_eps", "vocab_size", "tie_word_embeddings",
-          "max_position_embeddings", "rope_type"]  # fmt: skip
+fields = [
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "num_hidden_layers",
+    "rope_theta",
+    "rms_norm_eps",
+    "vocab_size",
+    "tie_word_embeddings",
+    "max_position_embeddings",
+    "rope_type",
+]
 compared = pd.DataFrame(
-    {f: {f"{size} Instruct table": getattr(reference, f), "config.json": getattr(config, f)} for f in fields}
+    {
+        f: {
+            f"{size} Instruct table": getattr(reference, f),
+            "config.json": getattr(config, f),
+        }
+        for f in fields
+    }
 ).T
 compared["same"] = compared.iloc[:, 0] == compared.iloc[:, 1]
 compared.astype(str)
@@ -258,7 +407,10 @@ different = set(compared.index[~compared["same"]])
 assert embedded_raw["hidden_act"] == "silu" and not embedded_raw["use_sliding_window"]
 if is_book_model():
     assert different == {"tie_word_embeddings", "rms_norm_eps"}, different
-    assert config.rms_norm_eps == float(np.float32(1e-6)) and not config.tie_word_embeddings
+    assert (
+        config.rms_norm_eps == float(np.float32(1e-6))
+        and not config.tie_word_embeddings
+    )
     print(f"rms_norm_eps: {config.rms_norm_eps!r} == float32(1e-6)")
 else:
     assert not different, different
@@ -267,6 +419,7 @@ else:
 # ## Where the parameters are
 #
 # Grouping the embedded model's parameters by the kind of module that owns them:
+
 
 # %%
 def parameter_kind(name: str) -> str:
@@ -278,7 +431,11 @@ def parameter_kind(name: str) -> str:
         return "RMSNorm weights"
     part = name.split(".")[-2]
     if "self_attn" in name:
-        return "attention biases (q, k, v)" if name.endswith("bias") else f"attention {part}"
+        return (
+            "attention biases (q, k, v)"
+            if name.endswith("bias")
+            else f"attention {part}"
+        )
     return f"MLP {part}"
 
 
@@ -286,12 +443,28 @@ by_kind = Counter()
 for name, p in hf.named_parameters():
     by_kind[parameter_kind(name)] += p.numel()
 kinds = pd.DataFrame({"parameters": pd.Series(by_kind)})
-kinds["share"] = (kinds["parameters"] / kinds["parameters"].sum()).map(lambda s: f"{s:.2%}")
-head_the_table_ties = c.vocab_size * c.hidden_size if reference.tie_word_embeddings and not c.tie_word_embeddings else 0
+kinds["share"] = (kinds["parameters"] / kinds["parameters"].sum()).map(
+    lambda s: f"{s:.2%}"
+)
+head_the_table_ties = (
+    c.vocab_size * c.hidden_size
+    if reference.tie_word_embeddings and not c.tie_word_embeddings
+    else 0
+)
 assert kinds["parameters"].sum() == parameter_count(size) + head_the_table_ties
-in_layers = sum(p.numel() for n, p in hf.named_parameters() if n.startswith("model.layers."))
+in_layers = sum(
+    p.numel() for n, p in hf.named_parameters() if n.startswith("model.layers.")
+)
 if is_book_model():
-    assert [round(n / 1e6) for n in (by_kind["embedding"], by_kind["LM head"], in_layers, kinds["parameters"].sum())] == [136, 136, 358, 630]
+    assert [
+        round(n / 1e6)
+        for n in (
+            by_kind["embedding"],
+            by_kind["LM head"],
+            in_layers,
+            kinds["parameters"].sum(),
+        )
+    ] == [136, 136, 358, 630]
 kinds.assign(parameters=kinds["parameters"].map(lambda n: f"{n:,}"))
 
 # %%
@@ -300,7 +473,11 @@ ordered = kinds["parameters"].sort_values()
 ax.barh(ordered.index, ordered.values / 1e6, color="#4c72b0")
 for y, v in enumerate(ordered.values):
     ax.text(v / 1e6 + 2, y, f"{v / 1e6:.2f}M", va="center", fontsize=8)
-ax.set(xlabel="parameters (millions)", title=f"{model_path().name}: parameters by module kind", xlim=(0, ordered.max() / 1e6 * 1.2))
+ax.set(
+    xlabel="parameters (millions)",
+    title=f"{model_path().name}: parameters by module kind",
+    xlim=(0, ordered.max() / 1e6 * 1.2),
+)
 plt.show()
 
 # %% [markdown]
@@ -316,19 +493,31 @@ for size in SIZES:
     groups = Counter()
     for name, p in model.named_parameters():
         kind = parameter_kind(name)
-        groups["embedding + head" if kind in ("embedding", "LM head") else kind.split(" ")[0]] += p.numel()
+        groups[
+            "embedding + head"
+            if kind in ("embedding", "LM head")
+            else kind.split(" ")[0]
+        ] += p.numel()
     share[size] = {k: v / parameter_count(size) for k, v in groups.items()}
 share = pd.DataFrame(share).T[["embedding + head", "attention", "MLP", "RMSNorm"]]
 assert np.allclose(share.sum(axis=1), 1.0)
-ax = share.plot.barh(stacked=True, figsize=(8, 3.2), color=["#8c8c8c", "#dd8452", "#4c72b0", "#55a868"])
-ax.set(xlabel="share of parameters", ylabel="", title="Where the parameters are, by size")
+ax = share.plot.barh(
+    stacked=True, figsize=(8, 3.2), color=["#8c8c8c", "#dd8452", "#4c72b0", "#55a868"]
+)
+ax.set(
+    xlabel="share of parameters", ylabel="", title="Where the parameters are, by size"
+)
 ax.invert_yaxis()
 ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
 plt.show()
 
 # %%
 print(share.map(lambda s: f"{s:.1%}").to_string())
-assert share.loc["0.5B", "embedding + head"] > 0.25 and share.loc["32B", "MLP"] > 0.8 and share.loc["72B", "MLP"] > 0.75
+assert (
+    share.loc["0.5B", "embedding + head"] > 0.25
+    and share.loc["32B", "MLP"] > 0.8
+    and share.loc["72B", "MLP"] > 0.75
+)
 
 # %% [markdown]
 # This is the specification. Chapter 2.2 maps every tensor of the checkpoint onto it, chapter 2.3 builds the probe

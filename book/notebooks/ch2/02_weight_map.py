@@ -25,45 +25,67 @@
 # %matplotlib inline
 import re
 import tempfile
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 from IPython.display import display
-from helpers import is_book_model, model_path, show_source
 from safetensors import safe_open
-from transformers.utils import logging as hf_logging
 from transformers import Qwen2ForCausalLM
+from transformers.utils import logging as hf_logging
 
 import minqwen
 from minqwen.config import ModelConfig
 from minqwen.model import hf_to_minqwen, minqwen_to_hf
 
+from helpers import is_book_model, model_path, show_source
+
 hf_logging.disable_progress_bar()  # its bars go to stderr, which nbval compares
 config = ModelConfig.from_file(model_path())
-checkpoints = sorted(model_path().glob("*.safetensors"))  # one file here; large models shard theirs
+checkpoints = sorted(
+    model_path().glob("*.safetensors")
+)  # one file here; large models shard theirs
 rows = []
 for checkpoint in checkpoints:
     with safe_open(checkpoint, framework="pt") as f:
         for key in f.keys():
             piece = f.get_slice(key)
-            dtype = getattr(torch, {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[piece.get_dtype()])
+            dtype = getattr(
+                torch,
+                {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[
+                    piece.get_dtype()
+                ],
+            )
             shape = tuple(piece.get_shape())
             numel = torch.Size(shape).numel()
-            rows.append({"key": key, "shape": shape, "dtype": str(dtype).removeprefix("torch."), "parameters": numel,
-                         "bytes": numel * dtype.itemsize, "owning module": key.rsplit(".", 1)[0]})  # fmt: skip
+            rows.append(
+                {
+                    "key": key,
+                    "shape": shape,
+                    "dtype": str(dtype).removeprefix("torch."),
+                    "parameters": numel,
+                    "bytes": numel * dtype.itemsize,
+                    "owning module": key.rsplit(".", 1)[0],
+                }
+            )
 weights = pd.DataFrame(rows).set_index("key")
-print(f"{len(weights)} tensors, {weights['parameters'].sum():,} parameters, {weights['bytes'].sum() / 2**20:,.1f} MiB")
+print(
+    f"{len(weights)} tensors, {weights['parameters'].sum():,} parameters, {weights['bytes'].sum() / 2**20:,.1f} MiB"
+)
 file_bytes = sum(checkpoint.stat().st_size for checkpoint in checkpoints)
-assert weights["bytes"].sum() < file_bytes < weights["bytes"].sum() + len(checkpoints) * 2**20  # headers < 1 MiB
+assert (
+    weights["bytes"].sum()
+    < file_bytes
+    < weights["bytes"].sum() + len(checkpoints) * 2**20
+)  # headers < 1 MiB
 
 # %% [markdown]
 # ## Every key
 #
 # The 24 layers hold the same 12 tensors each, so the table shows the tensors outside the layers and layer 0 in
 # full, in file order; the next table accounts for every layer.
+
 
 # %%
 def layer_of(key: str) -> int | None:
@@ -84,12 +106,30 @@ shown
 
 # %%
 kind = weights.index.map(lambda k: re.sub(r"layers\.\d+\.", "layers.*.", k))
-totals = weights.assign(kind=kind).groupby("kind", sort=False).agg(
-    tensors=("shape", "size"), shape=("shape", "first"), shapes=("shape", "nunique"), parameters=("parameters", "sum"), bytes=("bytes", "sum")
-)  # fmt: skip
-assert (totals["shapes"] == 1).all() and (totals.loc[[k for k in totals.index if "*" in k], "tensors"] == config.num_hidden_layers).all()  # fmt: skip
-assert totals["tensors"].sum() == len(weights) == 12 * config.num_hidden_layers + 2 + (not config.tie_word_embeddings)
-per_layer = {k: int(v) for k, v in weights.assign(layer=layer).groupby("layer")["parameters"].sum().items()}
+totals = (
+    weights.assign(kind=kind)
+    .groupby("kind", sort=False)
+    .agg(
+        tensors=("shape", "size"),
+        shape=("shape", "first"),
+        shapes=("shape", "nunique"),
+        parameters=("parameters", "sum"),
+        bytes=("bytes", "sum"),
+    )
+)
+assert (totals["shapes"] == 1).all() and (
+    totals.loc[[k for k in totals.index if "*" in k], "tensors"]
+    == config.num_hidden_layers
+).all()
+assert (
+    totals["tensors"].sum()
+    == len(weights)
+    == 12 * config.num_hidden_layers + 2 + (not config.tie_word_embeddings)
+)
+per_layer = {
+    k: int(v)
+    for k, v in weights.assign(layer=layer).groupby("layer")["parameters"].sum().items()
+}
 assert set(per_layer.values()) == {per_layer[0]}
 totals = totals.drop(columns="shapes")
 totals["share"] = (totals["bytes"] / totals["bytes"].sum()).map(lambda s: f"{s:.2%}")
@@ -99,7 +139,9 @@ totals["parameters"] = totals["parameters"].map(lambda n: f"{n:,}")
 totals
 
 # %%
-print(f"one decoder layer: {per_layer[0]:,} parameters; all {len(per_layer)}: {sum(per_layer.values()):,}")
+print(
+    f"one decoder layer: {per_layer[0]:,} parameters; all {len(per_layer)}: {sum(per_layer.values()):,}"
+)
 
 # %% [markdown]
 # ## HF names to minqwen names
@@ -113,7 +155,9 @@ show_source(hf_to_minqwen)
 show_source(minqwen_to_hf)
 
 # %%
-mapping = pd.DataFrame({"HF key": weights.index, "minqwen name": [hf_to_minqwen(k) for k in weights.index]})
+mapping = pd.DataFrame(
+    {"HF key": weights.index, "minqwen name": [hf_to_minqwen(k) for k in weights.index]}
+)
 mapping[(layer == 0) | layer.isna()].set_index("HF key")
 
 # %% [markdown]
@@ -125,13 +169,17 @@ mapping[(layer == 0) | layer.isna()].set_index("HF key")
 with torch.device("meta"):
     ours = minqwen.Qwen2(config)
 our_shapes = {name: tuple(t.shape) for name, t in ours.state_dict().items()}
-if config.tie_word_embeddings:  # one tensor under two names; the file stores it once, as the embedding
+if (
+    config.tie_word_embeddings
+):  # one tensor under two names; the file stores it once, as the embedding
     our_shapes.pop("lm_head.weight")
 file_shapes = {hf_to_minqwen(k): s for k, s in weights["shape"].items()}
 assert file_shapes == our_shapes
 assert all(minqwen_to_hf(hf_to_minqwen(k)) == k for k in weights.index)
 assert all(hf_to_minqwen(minqwen_to_hf(n)) == n for n in our_shapes)
-print(f"{len(file_shapes)} keys map one to one onto minqwen's {len(our_shapes)} state_dict entries, shapes equal")
+print(
+    f"{len(file_shapes)} keys map one to one onto minqwen's {len(our_shapes)} state_dict entries, shapes equal"
+)
 
 # %% [markdown]
 # The loader, `Qwen2.from_pretrained`, applies this map and refuses any missing, unexpected or mis-shaped tensor
@@ -153,7 +201,10 @@ show_source(minqwen.Qwen2.from_pretrained)
 # %%
 if is_book_model():
     with safe_open(checkpoints[0], framework="pt") as f:
-        embedding, head = f.get_tensor("model.embed_tokens.weight"), f.get_tensor("lm_head.weight")
+        embedding, head = (
+            f.get_tensor("model.embed_tokens.weight"),
+            f.get_tensor("lm_head.weight"),
+        )
     row_cosine = torch.nn.functional.cosine_similarity(embedding, head, dim=1)
     difference = {
         "identical": torch.equal(embedding, head),
@@ -165,7 +216,9 @@ if is_book_model():
     }
     display(pd.Series(difference, name="embedding E vs head H").to_frame())
 else:
-    print(f"{model_path().name}: tie_word_embeddings={config.tie_word_embeddings}; this section studies the book's model")
+    print(
+        f"{model_path().name}: tie_word_embeddings={config.tie_word_embeddings}; this section studies the book's model"
+    )
 
 # %% [markdown]
 # Close, but not equal: every row points the same way (cosine above 0.998) and the two differ by about 4% in norm.
@@ -175,8 +228,11 @@ else:
 # its smallest gap counts the steps it spans: never more than 31 in the embedding (5-bit integers), up to 255 in
 # the head (8-bit).
 
+
 # %%
-def steps_per_block(matrix: torch.Tensor, rows: slice = slice(None, None, 16)) -> torch.Tensor:
+def steps_per_block(
+    matrix: torch.Tensor, rows: slice = slice(None, None, 16)
+) -> torch.Tensor:
     blocks = matrix[rows].reshape(-1, 32).sort(dim=-1).values
     gaps = blocks[:, 1:] - blocks[:, :-1]
     smallest = torch.where(gaps > 0, gaps, torch.inf).min(dim=-1).values
@@ -190,10 +246,21 @@ if is_book_model():
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
     axes[0].hist(row_cosine.numpy(), bins=60, color="#4c72b0")
-    axes[0].set(title="cosine(E row, H row), every token", xlabel="cosine similarity", ylabel="tokens")
+    axes[0].set(
+        title="cosine(E row, H row), every token",
+        xlabel="cosine similarity",
+        ylabel="tokens",
+    )
     for (name, v), color in zip(steps.items(), ("#dd8452", "#55a868")):
-        axes[1].hist(v.numpy(), bins=range(0, 257, 4), color=color, alpha=0.7, label=name)
-    axes[1].set(title="quantization steps spanned per 32-weight block", xlabel="steps", ylabel="blocks", yscale="log")
+        axes[1].hist(
+            v.numpy(), bins=range(0, 257, 4), color=color, alpha=0.7, label=name
+        )
+    axes[1].set(
+        title="quantization steps spanned per 32-weight block",
+        xlabel="steps",
+        ylabel="blocks",
+        yscale="log",
+    )
     axes[1].legend(fontsize=8)
     plt.tight_layout()
     plt.show()
@@ -208,8 +275,16 @@ if is_book_model():
 # %%
 from transformers import Qwen2Config
 
-tiny = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0)  # fmt: skip
+tiny = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rope_theta=10000.0,
+)
 ids = torch.arange(12)[None]
 workdir = Path(tempfile.mkdtemp())
 cases = {}
@@ -233,10 +308,18 @@ cases = pd.DataFrame(cases).T
 cases
 
 # %%
-assert cases.loc["tied", "lm_head is embed_tokens"] and not cases.loc["untied", "lm_head is embed_tokens"]
-assert "lm_head.weight" not in cases.loc["tied", "tensors outside the layers in the file"]
+assert (
+    cases.loc["tied", "lm_head is embed_tokens"]
+    and not cases.loc["untied", "lm_head is embed_tokens"]
+)
+assert (
+    "lm_head.weight" not in cases.loc["tied", "tensors outside the layers in the file"]
+)
 assert cases["logits equal HF's"].all()
-assert cases.loc["untied", "parameters"] - cases.loc["tied", "parameters"] == tiny["vocab_size"] * tiny["hidden_size"]
+assert (
+    cases.loc["untied", "parameters"] - cases.loc["tied", "parameters"]
+    == tiny["vocab_size"] * tiny["hidden_size"]
+)
 
 # %% [markdown]
 # With the names mapped and the head understood, chapter 2.3 builds the tool that compares any module of minqwen

@@ -33,12 +33,21 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from helpers import DEVICE, DTYPE, hf_model, model_path, show_source, tokenizer, tolerance
 from safetensors import safe_open
 from transformers.utils import logging as hf_logging
 
 import minqwen
 from minqwen import probe
+
+from helpers import (
+    DEVICE,
+    DTYPE,
+    hf_model,
+    model_path,
+    show_source,
+    tokenizer,
+    tolerance,
+)
 
 hf_logging.disable_progress_bar()  # its bars go to stderr, which nbval compares
 torch.manual_seed(0)
@@ -46,7 +55,13 @@ hf = hf_model()
 ours = minqwen.Qwen2.from_pretrained(model_path(), dtype=DTYPE, device=DEVICE)
 tok = tokenizer()
 layers = ours.config.num_hidden_layers
-print(type(hf).__name__, "and", type(ours).__name__, f"{layers} layers", str(DTYPE).removeprefix("torch."))
+print(
+    type(hf).__name__,
+    "and",
+    type(ours).__name__,
+    f"{layers} layers",
+    str(DTYPE).removeprefix("torch."),
+)
 
 # %% [markdown]
 # ## Recording
@@ -64,13 +79,28 @@ show_source(probe.record)
 # HF forward on one prompt.
 
 # %%
-prompt = "def fibonacci(n):\n    \"\"\"Return the nth Fibonacci number.\"\"\"\n"
+prompt = 'def fibonacci(n):\n    """Return the nth Fibonacci number."""\n'
 ids = tok(prompt, return_tensors="pt").input_ids.to(DEVICE)
-parts = ["model.layers.0.input_layernorm", "model.layers.0.self_attn", "model.layers.0.post_attention_layernorm", "model.layers.0.mlp"]  # fmt: skip
-recorded = ["model.embed_tokens", *parts, *[f"model.layers.{i}" for i in range(layers)], "model.norm", "lm_head"]
+parts = [
+    "model.layers.0.input_layernorm",
+    "model.layers.0.self_attn",
+    "model.layers.0.post_attention_layernorm",
+    "model.layers.0.mlp",
+]
+recorded = [
+    "model.embed_tokens",
+    *parts,
+    *[f"model.layers.{i}" for i in range(layers)],
+    "model.norm",
+    "lm_head",
+]
 workdir = Path(tempfile.mkdtemp())
-recording = probe.record(hf, recorded, workdir / "probe.safetensors", ids, use_cache=False)
-print(f"{ids.shape[1]} tokens, {len(recorded)} modules recorded, {recording.stat().st_size / 2**20:.1f} MiB")
+recording = probe.record(
+    hf, recorded, workdir / "probe.safetensors", ids, use_cache=False
+)
+print(
+    f"{ids.shape[1]} tokens, {len(recorded)} modules recorded, {recording.stat().st_size / 2**20:.1f} MiB"
+)
 
 # %% [markdown]
 # What the file holds for decoder layer 0: the hidden states came positionally, the rest by keyword. The mask is
@@ -79,7 +109,11 @@ print(f"{ids.shape[1]} tokens, {len(recorded)} modules recorded, {recording.stat
 # %%
 with safe_open(recording, framework="pt") as f:
     meta = json.loads(f.metadata()["probe"])
-    shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys() if k.startswith("model.layers.0/")}  # fmt: skip
+    shapes = {
+        k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype())
+        for k in f.keys()
+        if k.startswith("model.layers.0/")
+    }
 pd.DataFrame(shapes, index=["shape", "dtype"]).T
 
 # %%
@@ -109,7 +143,12 @@ show_source(probe.replay)
 # %%
 rows = probe.replay(recording, ours)
 replayed = pd.DataFrame(probe.rows_as_dicts(rows)).set_index("hf")
-replayed.assign(**{c: replayed[c].map(lambda x: f"{x:.2e}") for c in ("max_abs", "max_rel", "mean_abs")})
+replayed.assign(
+    **{
+        c: replayed[c].map(lambda x: f"{x:.2e}")
+        for c in ("max_abs", "max_rel", "mean_abs")
+    }
+)
 
 # %%
 worst = max(r.max_rel for r in rows)
@@ -133,13 +172,19 @@ show_source(probe.compare_layers)
 prompts = [prompt, "量子计算机是如何工作的？", "Write a haiku about tensors."]
 batch = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(DEVICE)
 clean = probe.compare_layers(hf, ours, batch.input_ids, batch.attention_mask)
-print(f"batch {tuple(batch.input_ids.shape)}, {int(batch.attention_mask.sum())} real tokens, {len(clean)} rows")
+print(
+    f"batch {tuple(batch.input_ids.shape)}, {int(batch.attention_mask.sum())} real tokens, {len(clean)} rows"
+)
 
 
 # %%
 # NBVAL_IGNORE_OUTPUT
 def as_frame(rows):
-    frame = pd.DataFrame(probe.rows_as_dicts(rows)).set_index("minqwen").drop(columns=["hf", "shape"])
+    frame = (
+        pd.DataFrame(probe.rows_as_dicts(rows))
+        .set_index("minqwen")
+        .drop(columns=["hf", "shape"])
+    )
     return frame.map(lambda x: f"{x:.2e}")
 
 
@@ -160,11 +205,15 @@ print(f"every row within {tolerance('forward'):.0e} relative")
 # projections swapped (imagine a name map that mixed up `k_proj` and `v_proj`). With two key-value heads they have
 # the same shape, so no shape check catches it. The logits are wrong; the question is where it starts.
 
+
 # %%
 def swap_key_value(attention) -> None:
     with torch.no_grad():
         for part in ("weight", "bias"):
-            key, value = getattr(attention.k_proj, part), getattr(attention.v_proj, part)
+            key, value = (
+                getattr(attention.k_proj, part),
+                getattr(attention.v_proj, part),
+            )
             key_before = key.clone()
             key.copy_(value)
             value.copy_(key_before)
@@ -188,21 +237,39 @@ as_frame(broken).T
 # %%
 first = probe.first_divergence(broken, tolerance("forward"))
 over = [r.minqwen for r in broken if r.max_rel > tolerance("forward")]
-replay_over = [r.minqwen for r in replayed_broken if r.max_rel > tolerance("elementwise")]
+replay_over = [
+    r.minqwen for r in replayed_broken if r.max_rel > tolerance("elementwise")
+]
 print("first divergence (whole forward):", first.minqwen)
-print("over tolerance (whole forward):  ", over[0], "...", over[-1], f"({len(over)} rows)")
+print(
+    "over tolerance (whole forward):  ", over[0], "...", over[-1], f"({len(over)} rows)"
+)
 print("over tolerance (replay):         ", replay_over)
-assert first.minqwen == f"layers.{broken_layer}" and over == [r.minqwen for r in broken[broken.index(first) :]]
+assert first.minqwen == f"layers.{broken_layer}" and over == [
+    r.minqwen for r in broken[broken.index(first) :]
+]
 assert replay_over == [f"layers.{broken_layer}"]
 
 # %%
 fig, ax = plt.subplots(figsize=(8, 3.2))
 floor = 1e-12  # exact zeros drawn at the floor of the log scale
-for rows_, label, style in ((clean, "minqwen", "o-"), (broken, f"minqwen, k and v of layer {broken_layer} swapped", "s-")):
+for rows_, label, style in (
+    (clean, "minqwen", "o-"),
+    (broken, f"minqwen, k and v of layer {broken_layer} swapped", "s-"),
+):
     ax.plot([max(r.max_rel, floor) for r in rows_], style, ms=3, label=label)
 ax.axhline(tolerance("forward"), color="gray", ls="--", label="tolerance")
-ax.set_xticks(range(len(clean)), [r.minqwen.replace("layers.", "") for r in clean], rotation=90, fontsize=7)
-ax.set(yscale="log", ylabel="max |Δ| / max |HF|", title="Per-layer error against HF, padded batch of 3")
+ax.set_xticks(
+    range(len(clean)),
+    [r.minqwen.replace("layers.", "") for r in clean],
+    rotation=90,
+    fontsize=7,
+)
+ax.set(
+    yscale="log",
+    ylabel="max |Δ| / max |HF|",
+    title="Per-layer error against HF, padded batch of 3",
+)
 ax.legend(fontsize=8)
 plt.show()
 

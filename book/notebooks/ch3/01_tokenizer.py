@@ -31,7 +31,6 @@ import time
 import unicodedata
 
 import pandas as pd
-from helpers import model_path, show_source, tokenizer
 
 from minqwen.tokenizer import (
     DEFAULT_SYSTEM_PROMPT,
@@ -40,6 +39,8 @@ from minqwen.tokenizer import (
     render_chat,
     sample_corpus,
 )
+
+from helpers import model_path, show_source, tokenizer
 
 path = model_path()
 hf = tokenizer()
@@ -59,16 +60,18 @@ vocab = spec["model"]["vocab"]
 added = spec["added_tokens"]
 padding_rows = [token for token in vocab if token.startswith("[PAD")]
 regular = len(vocab) - len(added) - len(padding_rows)
-pd.Series({
-    "entries in vocab": len(vocab),
-    "byte-level BPE tokens": regular,
-    "added (control) tokens": len(added),
-    "[PAD] rows": len(padding_rows),
-    "merges": len(spec["model"]["merges"]),
-    "len(HF tokenizer)": len(hf),
-    "len(ours)": len(ours),
-    "config.json vocab_size": config["vocab_size"],
-})  # fmt: skip
+pd.Series(
+    {
+        "entries in vocab": len(vocab),
+        "byte-level BPE tokens": regular,
+        "added (control) tokens": len(added),
+        "[PAD] rows": len(padding_rows),
+        "merges": len(spec["model"]["merges"]),
+        "len(HF tokenizer)": len(hf),
+        "len(ours)": len(ours),
+        "config.json vocab_size": config["vocab_size"],
+    }
+)
 
 # %%
 assert len(ours) == len(hf) == len(vocab) == config["vocab_size"] == 151936
@@ -84,26 +87,52 @@ assert regular == 256 + len(spec["model"]["merges"])
 
 # %%
 generation_config = path / "generation_config.json"
-stop_ids = json.loads(generation_config.read_text()).get("eos_token_id", []) if generation_config.is_file() else []
+stop_ids = (
+    json.loads(generation_config.read_text()).get("eos_token_id", [])
+    if generation_config.is_file()
+    else []
+)
 roles = {}
-for role, token in {"bos": hf.bos_token, "eos": hf.eos_token, "pad": hf.pad_token}.items():
+for role, token in {
+    "bos": hf.bos_token,
+    "eos": hf.eos_token,
+    "pad": hf.pad_token,
+}.items():
     roles.setdefault(token, []).append(role)
 for i in stop_ids if isinstance(stop_ids, list) else [stop_ids]:
     roles.setdefault(hf.convert_ids_to_tokens(i), []).append("stops generation")
 specials = pd.DataFrame(
-    [{"id": t["id"], "token": t["content"], "special": t["special"], "role": ", ".join(roles.get(t["content"], []))}
-     for t in added]
-).set_index("id")  # fmt: skip
+    [
+        {
+            "id": t["id"],
+            "token": t["content"],
+            "special": t["special"],
+            "role": ", ".join(roles.get(t["content"], [])),
+        }
+        for t in added
+    ]
+).set_index("id")
 specials
 
 # %%
-expected_ids = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<tool_call>": 151657,
-                "<|fim_prefix|>": 151659, "<|file_sep|>": 151664}  # fmt: skip
-assert all(hf.convert_tokens_to_ids(token) == i == ours.added_tokens[token].id for token, i in expected_ids.items())
+expected_ids = {
+    "<|endoftext|>": 151643,
+    "<|im_start|>": 151644,
+    "<|im_end|>": 151645,
+    "<tool_call>": 151657,
+    "<|fim_prefix|>": 151659,
+    "<|file_sep|>": 151664,
+}
+assert all(
+    hf.convert_tokens_to_ids(token) == i == ours.added_tokens[token].id
+    for token, i in expected_ids.items()
+)
 assert (hf.eos_token_id, hf.pad_token_id) == (151645, 151643)
 # Nothing is added around the text: Qwen's post-processor puts no BOS in front.
 assert hf.encode("hi") == ours.encode("hi") == [6023]
-assert {i: t.content for i, t in hf.added_tokens_decoder.items()} == {t["id"]: t["content"] for t in added}
+assert {i: t.content for i, t in hf.added_tokens_decoder.items()} == {
+    t["id"]: t["content"] for t in added
+}
 
 # %% [markdown]
 # ## What the GGUF-rebuilt file differs in
@@ -124,7 +153,11 @@ typed = hf.encode("[PAD151665]")
 print("encode('[PAD151665]') ->", typed, hf.convert_ids_to_tokens(typed))
 print("decode([151665, 151935]) ->", repr(hf.decode([151665, 151935])))
 assert ours.encode("[PAD151665]") == typed and 151665 not in typed
-assert ours.decode([151665, 151935]) == hf.decode([151665, 151935]) == "[PAD151665][PAD151935]"
+assert (
+    ours.decode([151665, 151935])
+    == hf.decode([151665, 151935])
+    == "[PAD151665][PAD151935]"
+)
 
 # %% [markdown]
 # **No normalizer in the file.** The hub's Qwen2 `tokenizer.json` normalizes text to Unicode NFC before
@@ -134,7 +167,9 @@ assert ours.decode([151665, 151935]) == hf.decode([151665, 151935]) == "[PAD1516
 
 # %%
 init_source = inspect.getsource(type(hf).__init__)
-sets_normalizer = [line.strip() for line in init_source.splitlines() if "normalizer" in line]
+sets_normalizer = [
+    line.strip() for line in init_source.splitlines() if "normalizer" in line
+]
 print("file:", spec["normalizer"], "| transformers sets:", sets_normalizer)
 print("HF tokenizer in use:", hf.backend_tokenizer.normalizer)
 
@@ -152,11 +187,22 @@ from tokenizers import Tokenizer
 raw_file = Tokenizer.from_file(str(path / "tokenizer.json"))
 ours_raw = BPETokenizer.from_file(path, normalization=None)
 rows = []
-spellings = {"café (NFC)": "café", "café (NFD)": "cafe\u0301", "한국 (NFD)": unicodedata.normalize("NFD", "한국")}
+spellings = {
+    "café (NFC)": "café",
+    "café (NFD)": "cafe\u0301",
+    "한국 (NFD)": unicodedata.normalize("NFD", "한국"),
+}
 for label, text in spellings.items():
-    rows.append({"text": label, "code points": len(text),
-                 "HF AutoTokenizer": hf.encode(text), "ours (NFC)": ours.encode(text),
-                 "tokenizers, file as is": raw_file.encode(text).ids, "ours (None)": ours_raw.encode(text)})  # fmt: skip
+    rows.append(
+        {
+            "text": label,
+            "code points": len(text),
+            "HF AutoTokenizer": hf.encode(text),
+            "ours (NFC)": ours.encode(text),
+            "tokenizers, file as is": raw_file.encode(text).ids,
+            "ours (None)": ours_raw.encode(text),
+        }
+    )
     assert rows[-1]["ours (NFC)"] == rows[-1]["HF AutoTokenizer"]
     assert rows[-1]["ours (None)"] == rows[-1]["tokenizers, file as is"]
 pd.DataFrame(rows).set_index("text")
@@ -178,12 +224,23 @@ show_source(bytes_to_unicode)
 # %%
 byte_table = bytes_to_unicode()
 shown = [0x20, 0x0A, 0x09, 0x0D, 0x00, 0x41, 0x7E, 0xA0, 0xAD, 0xE4, 0xF0]
-pd.DataFrame([{"byte": f"0x{b:02X}", "as text": repr(chr(b)), "BPE character": byte_table[b],
-               "code point": f"U+{ord(byte_table[b]):04X}"} for b in shown])  # fmt: skip
+pd.DataFrame(
+    [
+        {
+            "byte": f"0x{b:02X}",
+            "as text": repr(chr(b)),
+            "BPE character": byte_table[b],
+            "code point": f"U+{ord(byte_table[b]):04X}",
+        }
+        for b in shown
+    ]
+)
 
 # %%
 assert sorted(byte_table) == list(range(256)) and len(set(byte_table.values())) == 256
-assert all(char in vocab for char in byte_table.values())  # every byte is a token: nothing can fail to encode
+assert all(
+    char in vocab for char in byte_table.values()
+)  # every byte is a token: nothing can fail to encode
 
 # %% [markdown]
 # ## Step 2: the pre-tokenizer
@@ -213,10 +270,16 @@ assert pattern == spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"]
 # %%
 sample = "def f(x):\n    return x**2  # it's 2024年, 你好!"
 ours_words = ours.pattern.findall(sample)
-hf_words = [word for word, _ in hf.backend_tokenizer.pre_tokenizer.pre_tokenize_str(sample)]
+hf_words = [
+    word for word, _ in hf.backend_tokenizer.pre_tokenizer.pre_tokenize_str(sample)
+]
 print(ours_words)
 print(ours.pre_tokenize(sample))
-assert ["".join(byte_table[b] for b in w.encode()) for w in ours_words] == hf_words == ours.pre_tokenize(sample)
+assert (
+    ["".join(byte_table[b] for b in w.encode()) for w in ours_words]
+    == hf_words
+    == ours.pre_tokenize(sample)
+)
 
 # %% [markdown]
 # ## Step 3: merges
@@ -236,13 +299,23 @@ show_source(BPETokenizer.bpe)
 word = ours.pre_tokenize(" tokenization")[0]
 symbols, steps = list(word), []
 while True:
-    ranked = [(ours.merge_ranks[pair], pair) for pair in zip(symbols, symbols[1:]) if pair in ours.merge_ranks]
+    ranked = [
+        (ours.merge_ranks[pair], pair)
+        for pair in zip(symbols, symbols[1:])
+        if pair in ours.merge_ranks
+    ]
     if not ranked:
         break
     rank, (left, right) = min(ranked)
-    i = next(i for i in range(len(symbols) - 1) if (symbols[i], symbols[i + 1]) == (left, right))
+    i = next(
+        i
+        for i in range(len(symbols) - 1)
+        if (symbols[i], symbols[i + 1]) == (left, right)
+    )
     symbols = symbols[:i] + [left + right] + symbols[i + 2 :]
-    steps.append({"rank": rank, "merge": f"{left} + {right}", "symbols": " ".join(symbols)})
+    steps.append(
+        {"rank": rank, "merge": f"{left} + {right}", "symbols": " ".join(symbols)}
+    )
 assert symbols == ours.bpe(word)
 pd.DataFrame(steps)
 
@@ -281,7 +354,14 @@ def token_table(text: str) -> pd.DataFrame:
     rows = []
     for i, piece in zip(ids, ours.tokens(ids)):
         raw = bytes(ours.char_to_byte[char] for char in piece)
-        rows.append({"id": i, "piece": piece, "bytes": raw.hex(" "), "text alone": repr(ours.decode([i]))})
+        rows.append(
+            {
+                "id": i,
+                "piece": piece,
+                "bytes": raw.hex(" "),
+                "text alone": repr(ours.decode([i])),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -290,8 +370,15 @@ for kind, text in samples.items():
     ids = ours.encode(text)
     assert ids == hf.encode(text), kind
     assert ours.decode(ids) == hf.decode(ids) == text, kind
-    summary.append({"kind": kind, "characters": len(text), "UTF-8 bytes": len(text.encode()), "tokens": len(ids),
-                    "bytes per token": round(len(text.encode()) / len(ids), 2)})  # fmt: skip
+    summary.append(
+        {
+            "kind": kind,
+            "characters": len(text),
+            "UTF-8 bytes": len(text.encode()),
+            "tokens": len(ids),
+            "bytes per token": round(len(text.encode()) / len(ids), 2),
+        }
+    )
 pd.DataFrame(summary).set_index("kind")
 
 # %% [markdown]
@@ -335,6 +422,8 @@ token_table(samples["emoji"])
 # %%
 corpus = sample_corpus(5000, seed=0)
 kinds = pd.DataFrame(corpus, columns=["kind", "text"])
+
+
 def longest_of_first_six(texts):
     return repr(max(texts.iloc[:6], key=len)[:70])
 
@@ -355,14 +444,22 @@ warm = time.perf_counter() - start
 start = time.perf_counter()
 hf_ids = [hf.encode(text) for _, text in corpus]
 hf_time = time.perf_counter() - start
-print(f"ours: {cold:.2f} s with an empty word cache, {warm:.2f} s with it warm "
-      f"({len(ours_fresh._word_cache):,} words); HF (Rust): {hf_time:.2f} s")
+print(
+    f"ours: {cold:.2f} s with an empty word cache, {warm:.2f} s with it warm "
+    f"({len(ours_fresh._word_cache):,} words); HF (Rust): {hf_time:.2f} s"
+)
 assert ours_ids == ours_ids_again and cold < 60
 
 # %%
 mismatched = [text for (_, text), a, b in zip(corpus, ours_ids, hf_ids) if a != b]
-tokens_per_kind = kinds.assign(tokens=[len(ids) for ids in hf_ids]).groupby("kind", sort=False)["tokens"].sum()
-print(f"{len(corpus):,} strings, {sum(map(len, hf_ids)):,} tokens, {len(mismatched)} mismatches")
+tokens_per_kind = (
+    kinds.assign(tokens=[len(ids) for ids in hf_ids])
+    .groupby("kind", sort=False)["tokens"]
+    .sum()
+)
+print(
+    f"{len(corpus):,} strings, {sum(map(len, hf_ids)):,} tokens, {len(mismatched)} mismatches"
+)
 assert mismatched == []
 tokens_per_kind.to_frame().T
 
@@ -382,22 +479,37 @@ show_source(BPETokenizer.decode)
 
 # %%
 is_nfc = [unicodedata.normalize("NFC", text) == text for _, text in corpus]
-exact = sum(ours.decode(ids) == text for (_, text), ids, nfc in zip(corpus, ours_ids, is_nfc) if nfc)
-composed = sum(ours.decode(ids) == unicodedata.normalize("NFC", text) for (_, text), ids in zip(corpus, ours_ids))
+exact = sum(
+    ours.decode(ids) == text
+    for (_, text), ids, nfc in zip(corpus, ours_ids, is_nfc)
+    if nfc
+)
+composed = sum(
+    ours.decode(ids) == unicodedata.normalize("NFC", text)
+    for (_, text), ids in zip(corpus, ours_ids)
+)
 same_as_hf = sum(ours.decode(ids) == hf.decode(ids) for ids in hf_ids)
 print(f"exact round trips of NFC text: {exact:,} of {sum(is_nfc):,}")
-print(f"decode(encode(text)) == NFC(text): {composed:,} of {len(corpus):,}; decode equals HF's: {same_as_hf:,}")
+print(
+    f"decode(encode(text)) == NFC(text): {composed:,} of {len(corpus):,}; decode equals HF's: {same_as_hf:,}"
+)
 assert exact == sum(is_nfc) and composed == same_as_hf == len(corpus)
 
 # %%
 rare = "𠀀"  # CJK Extension B: no token of its own, so its 4 bytes split
 ids = ours.encode(rare)
 print(ids, [ours.decode([i]) for i in ids], "->", ours.decode(ids))
-assert [ours.decode([i]) for i in ids] == [hf.decode([i]) for i in ids] and ours.decode(ids) == rare
+assert [ours.decode([i]) for i in ids] == [hf.decode([i]) for i in ids] and ours.decode(
+    ids
+) == rare
 chat_ids = ours.encode("<|im_start|>user\nhi<|im_end|><tool_call>")
 print(repr(ours.decode(chat_ids, skip_special_tokens=True)))
 without_specials = ours.decode(chat_ids, skip_special_tokens=True)
-assert without_specials == hf.decode(chat_ids, skip_special_tokens=True) == "user\nhi<tool_call>"
+assert (
+    without_specials
+    == hf.decode(chat_ids, skip_special_tokens=True)
+    == "user\nhi<tool_call>"
+)
 
 # %% [markdown]
 # ## The chat template, without jinja
@@ -426,25 +538,55 @@ assert DEFAULT_SYSTEM_PROMPT in prompt
 # %%
 conversations = {
     "one user turn": [{"role": "user", "content": "Hello!"}],
-    "system + user": [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Hi"}],
+    "system + user": [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Hi"},
+    ],
     "multi-turn": conversation,
-    "Chinese, system": [{"role": "system", "content": "你是一个乐于助人的助手。"}, {"role": "user", "content": "你好，世界 🌏"},
-                        {"role": "assistant", "content": "你好！"}],
-    "system mid-way": [{"role": "user", "content": "a"}, {"role": "system", "content": "late"}, {"role": "user", "content": "b"}],
-    "empty contents": [{"role": "system", "content": ""}, {"role": "user", "content": ""}],
-    "code, whitespace": [{"role": "user", "content": "fix:\n\tdef f( x ):\n\n  return x"}],
-    "tool results": [{"role": "user", "content": "weather?"}, {"role": "tool", "content": '{"temp": 21}'},
-                     {"role": "tool", "content": '{"wind": 3}'}, {"role": "assistant", "content": "21 degrees."}],
+    "Chinese, system": [
+        {"role": "system", "content": "你是一个乐于助人的助手。"},
+        {"role": "user", "content": "你好，世界 🌏"},
+        {"role": "assistant", "content": "你好！"},
+    ],
+    "system mid-way": [
+        {"role": "user", "content": "a"},
+        {"role": "system", "content": "late"},
+        {"role": "user", "content": "b"},
+    ],
+    "empty contents": [
+        {"role": "system", "content": ""},
+        {"role": "user", "content": ""},
+    ],
+    "code, whitespace": [
+        {"role": "user", "content": "fix:\n\tdef f( x ):\n\n  return x"}
+    ],
+    "tool results": [
+        {"role": "user", "content": "weather?"},
+        {"role": "tool", "content": '{"temp": 21}'},
+        {"role": "tool", "content": '{"wind": 3}'},
+        {"role": "assistant", "content": "21 degrees."},
+    ],
     "assistant first": [{"role": "assistant", "content": "I speak first."}],
-}  # fmt: skip
+}
 rows = []
 for name, messages in conversations.items():
     for generation_prompt in (False, True):
         text = render_chat(messages, add_generation_prompt=generation_prompt)
-        hf_text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-        hf_encoded = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt)
-        rows.append({"conversation": name, "generation prompt": generation_prompt, "tokens": len(hf_encoded["input_ids"]),
-                     "same text": text == hf_text, "same ids": ours.encode(text) == hf_encoded["input_ids"]})  # fmt: skip
+        hf_text = hf.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+        hf_encoded = hf.apply_chat_template(
+            messages, tokenize=True, add_generation_prompt=generation_prompt
+        )
+        rows.append(
+            {
+                "conversation": name,
+                "generation prompt": generation_prompt,
+                "tokens": len(hf_encoded["input_ids"]),
+                "same text": text == hf_text,
+                "same ids": ours.encode(text) == hf_encoded["input_ids"],
+            }
+        )
 chat_check = pd.DataFrame(rows)
 assert chat_check["same text"].all() and chat_check["same ids"].all()
 chat_check
@@ -477,13 +619,17 @@ for bad in bad_conversations:
 # %%
 from tokenizers import Regex, pre_tokenizers
 
-tokenizers_split = pre_tokenizers.Split(Regex(pattern), behavior="isolated", invert=False)
+tokenizers_split = pre_tokenizers.Split(
+    Regex(pattern), behavior="isolated", invert=False
+)
 disagree = []
 for code_point in range(0x110000):
     if 0xD800 <= code_point <= 0xDFFF:  # surrogates cannot appear in UTF-8 text
         continue
     probe = f"a{chr(code_point)}b{chr(code_point)}1"
-    if ours.pattern.findall(probe) != [w for w, _ in tokenizers_split.pre_tokenize_str(probe)]:
+    if ours.pattern.findall(probe) != [
+        w for w, _ in tokenizers_split.pre_tokenize_str(probe)
+    ]:
         disagree.append(code_point)
 example = chr(disagree[0])
 theirs = [w for w, _ in tokenizers_split.pre_tokenize_str(f"a{example}b")]
@@ -499,7 +645,15 @@ print("  ours:", ours.pattern.findall(f"a{example}b"), " tokenizers:", theirs)
 # text, but only HF's ids reproduce Qwen's tokenizer.
 
 # %%
-for letter in ("\U00011F04", "\U00010D50"):
+for letter in ("\U00011f04", "\U00010d50"):
     probe = f"a{letter}b{letter}1"
-    assert ours.pattern.findall(probe) == [w for w, _ in tokenizers_split.pre_tokenize_str(probe)] == [probe[:4], "1"]
-assert ours.decode(ours.encode(f"a{example}b")) == hf.decode(hf.encode(f"a{example}b")) == f"a{example}b"
+    assert (
+        ours.pattern.findall(probe)
+        == [w for w, _ in tokenizers_split.pre_tokenize_str(probe)]
+        == [probe[:4], "1"]
+    )
+assert (
+    ours.decode(ours.encode(f"a{example}b"))
+    == hf.decode(hf.encode(f"a{example}b"))
+    == f"a{example}b"
+)

@@ -32,14 +32,25 @@ import warnings
 
 import matplotlib.pyplot as plt
 import torch
-from helpers import diff_table, model_path, show_source, table
 from transformers import AutoConfig, Qwen2Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
+from transformers.models.qwen2.modeling_qwen2 import (
+    Qwen2RotaryEmbedding,
+    apply_rotary_pos_emb,
+)
 from transformers.utils import logging as hf_logging
 
 from minqwen.config import ModelConfig
-from minqwen.rope import apply_rope, default_inv_freq, rope_cos_sin, rope_inv_freq, rotate_half, yarn_inv_freq
+from minqwen.rope import (
+    apply_rope,
+    default_inv_freq,
+    rope_cos_sin,
+    rope_inv_freq,
+    rotate_half,
+    yarn_inv_freq,
+)
+
+from helpers import diff_table, model_path, show_source, table
 
 hf_logging.disable_progress_bar()
 torch.manual_seed(0)
@@ -47,10 +58,19 @@ config = ModelConfig.from_file(model_path())
 hf_config = AutoConfig.from_pretrained(model_path())
 table(
     {
-        "minqwen": [config.rope_theta, config.max_position_embeddings, config.head_dim, config.rope_type],
-        "transformers": [hf_config.rope_parameters["rope_theta"], hf_config.max_position_embeddings,
-                         hf_config.hidden_size // hf_config.num_attention_heads, hf_config.rope_parameters["rope_type"]],
-    },  # fmt: skip
+        "minqwen": [
+            config.rope_theta,
+            config.max_position_embeddings,
+            config.head_dim,
+            config.rope_type,
+        ],
+        "transformers": [
+            hf_config.rope_parameters["rope_theta"],
+            hf_config.max_position_embeddings,
+            hf_config.hidden_size // hf_config.num_attention_heads,
+            hf_config.rope_parameters["rope_type"],
+        ],
+    },
     index=["rope_theta", "max_position_embeddings", "head_dim", "rope type"],
 )
 
@@ -78,7 +98,12 @@ rotary = Qwen2RotaryEmbedding(hf_config)
 exact = 1.0 / torch.tensor(config.rope_theta, dtype=torch.float64) ** (
     torch.arange(0, config.head_dim, 2, dtype=torch.float64) / config.head_dim
 )
-diff_table({"ours vs HF": (inv_freq, rotary.inv_freq), "ours vs float64 formula": (inv_freq, exact)})
+diff_table(
+    {
+        "ours vs HF": (inv_freq, rotary.inv_freq),
+        "ours vs float64 formula": (inv_freq, exact),
+    }
+)
 
 # %% [markdown]
 # Ours and HF's are the same float32 numbers, bit for bit; both sit within float32 rounding of the exact formula.
@@ -105,10 +130,14 @@ pairs = config.head_dim // 2
 cos, sin = rope_cos_sin(inv_freq, positions)
 hf_cos, hf_sin = rotary(torch.zeros(1), positions)
 angles = positions[0, :, None].double() * exact
-diff_table({
-    "cos, ours vs HF": (cos, hf_cos), "sin, ours vs HF": (sin, hf_sin),
-    "cos, ours vs float64": (cos[0, :, :pairs], angles.cos()), "sin, ours vs float64": (sin[0, :, :pairs], angles.sin()),
-})  # fmt: skip
+diff_table(
+    {
+        "cos, ours vs HF": (cos, hf_cos),
+        "sin, ours vs HF": (sin, hf_sin),
+        "cos, ours vs float64": (cos[0, :, :pairs], angles.cos()),
+        "sin, ours vs float64": (sin[0, :, :pairs], angles.sin()),
+    }
+)
 
 # %% [markdown]
 # Against HF the whole 32,768-position table is identical. Against exact arithmetic it is not, and the error grows
@@ -128,7 +157,11 @@ assert (error <= positions[0].double() * exact[0] * 2**-23 + 1e-6).all()
 fig, ax = plt.subplots()
 ax.loglog(positions[0, 1:], error[1:], lw=0.5)
 ax.axhline(1e-5, color="gray", ls="--", label="1e-5")
-ax.set(xlabel="position", ylabel="max |cos - exact| over pairs", title="float32 RoPE tables against exact arithmetic")
+ax.set(
+    xlabel="position",
+    ylabel="max |cos - exact| over pairs",
+    title="float32 RoPE tables against exact arithmetic",
+)
 ax.legend()
 plt.show()
 
@@ -142,10 +175,20 @@ plt.show()
 # %%
 fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3))
 left.semilogy(2 * math.pi / inv_freq, marker=".")
-left.axhline(config.max_position_embeddings, color="gray", ls="--", label="32,768 positions")
+left.axhline(
+    config.max_position_embeddings, color="gray", ls="--", label="32,768 positions"
+)
 left.set(xlabel="pair i", ylabel="wavelength (positions)", title="2 pi / inv_freq")
 left.legend()
-image = right.imshow(cos[0, :256, :pairs].T, aspect="auto", cmap="RdBu", vmin=-1, vmax=1, origin="lower", interpolation="nearest")
+image = right.imshow(
+    cos[0, :256, :pairs].T,
+    aspect="auto",
+    cmap="RdBu",
+    vmin=-1,
+    vmax=1,
+    origin="lower",
+    interpolation="nearest",
+)
 right.set(xlabel="position", ylabel="pair i", title="cos(position x inv_freq)")
 fig.colorbar(image, ax=right)
 plt.show()
@@ -168,7 +211,9 @@ cos9, sin9 = rope_cos_sin(inv_freq, torch.arange(100, 109)[None])
 hf_q, hf_k = apply_rotary_pos_emb(q, k, cos9, sin9)
 ours_q, ours_k = apply_rope(q, cos9, sin9), apply_rope(k, cos9, sin9)
 assert torch.equal(ours_q, hf_q) and torch.equal(ours_k, hf_k)
-torch.testing.assert_close(ours_q.norm(dim=-1), q.norm(dim=-1))  # a rotation keeps lengths
+torch.testing.assert_close(
+    ours_q.norm(dim=-1), q.norm(dim=-1)
+)  # a rotation keeps lengths
 print("apply_rope == HF apply_rotary_pos_emb, bit for bit; norms kept")
 
 # %% [markdown]
@@ -188,7 +233,11 @@ for offset in (-20, 0, 7, 40):
 
 fig, ax = plt.subplots(figsize=(4, 3.5))
 ax.imshow(scores, cmap="RdBu")
-ax.set(xlabel="key position", ylabel="query position", title="q.k after RoPE: constant along diagonals")
+ax.set(
+    xlabel="key position",
+    ylabel="query position",
+    title="q.k after RoPE: constant along diagonals",
+)
 plt.show()
 
 # %% [markdown]
@@ -198,22 +247,35 @@ plt.show()
 # channel `i` with `i + 32`. These are the same rotation applied to a different ordering of the channels. Here
 # is the interleaved form, written inline for comparison only (minqwen uses rotate half):
 
+
 # %%
 def apply_rope_interleaved(x, angles):
     """Rotate channels (2i, 2i+1) by angles[..., i]: the RoPE paper's layout."""
     even, odd = x[..., 0::2], x[..., 1::2]
     cos_, sin_ = angles.cos(), angles.sin()
-    return torch.stack([even * cos_ - odd * sin_, even * sin_ + odd * cos_], dim=-1).flatten(-2)
+    return torch.stack(
+        [even * cos_ - odd * sin_, even * sin_ + odd * cos_], dim=-1
+    ).flatten(-2)
 
 
 # interleaved channel order -> rotate-half order: evens first, then odds
-to_half = torch.cat([torch.arange(0, config.head_dim, 2), torch.arange(1, config.head_dim, 2)])
-print("rotate-half channel j holds interleaved channel", to_half[:4].tolist(), "...", to_half[pairs : pairs + 4].tolist(), "...")
+to_half = torch.cat(
+    [torch.arange(0, config.head_dim, 2), torch.arange(1, config.head_dim, 2)]
+)
+print(
+    "rotate-half channel j holds interleaved channel",
+    to_half[:4].tolist(),
+    "...",
+    to_half[pairs : pairs + 4].tolist(),
+    "...",
+)
 
 positions9 = torch.arange(100, 109)
 angles9 = positions9[:, None].float() * inv_freq
 q1, k1 = torch.randn(9, config.head_dim), torch.randn(9, config.head_dim)
-interleaved_scores = apply_rope_interleaved(q1, angles9) @ apply_rope_interleaved(k1, angles9).T
+interleaved_scores = (
+    apply_rope_interleaved(q1, angles9) @ apply_rope_interleaved(k1, angles9).T
+)
 cos_h, sin_h = rope_cos_sin(inv_freq, positions9[None])
 half_q = apply_rope(q1[None, None, :, to_half], cos_h, sin_h)[0, 0]
 half_k = apply_rope(k1[None, None, :, to_half], cos_h, sin_h)[0, 0]
@@ -227,9 +289,15 @@ diff_table({"interleaved vs permuted rotate-half": (half_scores, interleaved_sco
 # already in the rotate-half order, so minqwen loads them as they are.
 
 # %%
-assert (half_scores - interleaved_scores).abs().max() < 1e-5 * interleaved_scores.abs().max()
-assert not torch.allclose(apply_rope(q1[None, None], cos_h, sin_h)[0, 0] @ apply_rope(k1[None, None], cos_h, sin_h)[0, 0].T,
-                          interleaved_scores, atol=1e-3)  # fmt: skip  # without the permutation they differ
+assert (
+    half_scores - interleaved_scores
+).abs().max() < 1e-5 * interleaved_scores.abs().max()
+# Without the permutation the two layouts give different scores.
+unpermuted = (
+    apply_rope(q1[None, None], cos_h, sin_h)[0, 0]
+    @ apply_rope(k1[None, None], cos_h, sin_h)[0, 0].T
+)
+assert not torch.allclose(unpermuted, interleaved_scores, atol=1e-3)
 
 # %% [markdown]
 # ## YaRN: stretching the context
@@ -253,11 +321,22 @@ show_source(yarn_inv_freq)
 # %%
 # the layout of Qwen's released config.json files: rope_theta at the top, the card's rope_scaling beside it
 yarn_json = json.loads(model_path().joinpath("config.json").read_text())
-yarn_json.pop("rope_parameters", None)  # how transformers 5 writes it; released files keep the older layout
-yarn_json |= {"rope_theta": config.rope_theta, "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}}
+yarn_json.pop(
+    "rope_parameters", None
+)  # how transformers 5 writes it; released files keep the older layout
+yarn_json |= {
+    "rope_theta": config.rope_theta,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 32768,
+    },
+}
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
-    hf_yarn_config = Qwen2Config(**copy.deepcopy(yarn_json))  # transformers edits the dicts it is given
+    hf_yarn_config = Qwen2Config(
+        **copy.deepcopy(yarn_json)
+    )  # transformers edits the dicts it is given
     hf_yarn, hf_yarn_scale = ROPE_INIT_FUNCTIONS["yarn"](hf_yarn_config)
 yarn_config = ModelConfig.from_dict(yarn_json)
 yarn, yarn_scale = rope_inv_freq(yarn_config)
@@ -267,23 +346,39 @@ diff_table({"YaRN inv_freq, ours vs HF": (yarn, hf_yarn)})
 
 # %%
 assert torch.equal(yarn, hf_yarn)
-assert yarn_config.rope_theta == hf_yarn_config.rope_parameters["rope_theta"] == 1_000_000.0
+assert (
+    yarn_config.rope_theta
+    == hf_yarn_config.rope_parameters["rope_theta"]
+    == 1_000_000.0
+)
 assert yarn_scale == hf_yarn_scale == 0.1 * math.log(4.0) + 1.0
 yarn_rotary = Qwen2RotaryEmbedding(hf_yarn_config)
 far = torch.arange(0, 4 * 32768, 512)[None]
-assert all(torch.equal(a, b) for a, b in zip(rope_cos_sin(yarn, far, yarn_scale), yarn_rotary(torch.zeros(1), far)))
+assert all(
+    torch.equal(a, b)
+    for a, b in zip(
+        rope_cos_sin(yarn, far, yarn_scale), yarn_rotary(torch.zeros(1), far)
+    )
+)
 
 ratio = yarn / inv_freq
 fig, ax = plt.subplots()
 ax.plot(ratio, marker=".")
-ax.set(xlabel="pair i", ylabel="YaRN inv_freq / plain inv_freq", title="YaRN keeps fast pairs, slows slow ones by 4x")
+ax.set(
+    xlabel="pair i",
+    ylabel="YaRN inv_freq / plain inv_freq",
+    title="YaRN keeps fast pairs, slows slow ones by 4x",
+)
 plt.show()
 
 # %% [markdown]
 # The pairs below the ramp keep their frequency exactly, those above it are slowed by exactly 4:
 
 # %%
-kept, slowed = (ratio == 1).sum().item(), torch.isclose(ratio, torch.tensor(0.25)).sum().item()
+kept, slowed = (
+    (ratio == 1).sum().item(),
+    torch.isclose(ratio, torch.tensor(0.25)).sum().item(),
+)
 print(f"{kept} pairs kept, {slowed} slowed by 4, {pairs - kept - slowed} blended")
 assert kept > 0 and slowed > 0
 
@@ -294,21 +389,35 @@ assert kept > 0 and slowed > 0
 # %%
 import tempfile
 
-import minqwen
 from transformers import Qwen2ForCausalLM
 
+import minqwen
+
 tiny = Qwen2Config(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-6, rope_theta=10000.0,
-    rope_scaling={"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
-)  # fmt: skip
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    rope_theta=10000.0,
+    rope_scaling={
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+)
 tiny_hf = Qwen2ForCausalLM(tiny).eval()
 with tempfile.TemporaryDirectory() as folder:
     tiny_hf.save_pretrained(folder)
     tiny_ours = minqwen.Qwen2.from_pretrained(folder)
 ids = torch.randint(0, 128, (1, 200))
 with torch.no_grad():
-    tiny_diff = diff_table({"YaRN tiny model logits": (tiny_ours(ids), tiny_hf(ids).logits)})
+    tiny_diff = diff_table(
+        {"YaRN tiny model logits": (tiny_ours(ids), tiny_hf(ids).logits)}
+    )
 tiny_diff
 
 # %%

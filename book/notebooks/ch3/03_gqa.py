@@ -29,25 +29,47 @@ import math
 
 import matplotlib.pyplot as plt
 import torch
-import torch.nn.functional as F
-from helpers import DEVICE, DTYPE, diff_stats, diff_table, model_path, show_source, table, tokenizer, tolerance
 from transformers import AutoModelForCausalLM
-from transformers.models.qwen2.modeling_qwen2 import apply_rotary_pos_emb, eager_attention_forward, repeat_kv
+from transformers.models.qwen2.modeling_qwen2 import (
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+    repeat_kv,
+)
 from transformers.utils import logging as hf_logging
 
 import minqwen
 from minqwen.layers import Attention
 from minqwen.rope import apply_rope, rope_cos_sin
 
+from helpers import (
+    DEVICE,
+    DTYPE,
+    diff_stats,
+    diff_table,
+    model_path,
+    show_source,
+    table,
+    tokenizer,
+    tolerance,
+)
+
 hf_logging.disable_progress_bar()
 torch.manual_seed(0)
 # eager attention: the implementation that can return its attention weights
-hf = AutoModelForCausalLM.from_pretrained(model_path(), dtype=DTYPE, attn_implementation="eager").to(DEVICE).eval()
+hf = (
+    AutoModelForCausalLM.from_pretrained(
+        model_path(), dtype=DTYPE, attn_implementation="eager"
+    )
+    .to(DEVICE)
+    .eval()
+)
 ours = minqwen.Qwen2.from_pretrained(model_path(), dtype=DTYPE, device=DEVICE)
 config = ours.config
 H, KV, D = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-print(f"heads {config.num_attention_heads}, kv heads {config.num_key_value_heads}, head_dim {config.head_dim}, "
-      f"group size {config.kv_groups}")  # fmt: skip
+print(
+    f"heads {config.num_attention_heads}, kv heads {config.num_key_value_heads}, head_dim {config.head_dim}, "
+    f"group size {config.kv_groups}"
+)
 
 # %% [markdown]
 # ## The weights
@@ -58,9 +80,15 @@ print(f"heads {config.num_attention_heads}, kv heads {config.num_key_value_heads
 # %%
 attention = ours.layers[0].self_attn
 table(
-    [{"tensor": f"self_attn.{name}", "shape": tuple(p.shape), "parameters": p.numel(),
-      "heads": p.shape[0] // config.head_dim if "o_proj" not in name else "-"}
-     for name, p in attention.named_parameters()]  # fmt: skip
+    [
+        {
+            "tensor": f"self_attn.{name}",
+            "shape": tuple(p.shape),
+            "parameters": p.numel(),
+            "heads": p.shape[0] // config.head_dim if "o_proj" not in name else "-",
+        }
+        for name, p in attention.named_parameters()
+    ]
 ).set_index("tensor")
 
 # %% [markdown]
@@ -69,14 +97,22 @@ table(
 
 # %%
 bias_norms = table(
-    {name: [getattr(attention, name).bias.view(-1, config.head_dim)[h].norm().item() for h in range(config.num_key_value_heads)]
-     for name in ("q_proj", "k_proj", "v_proj")},  # fmt: skip
+    {
+        name: [
+            getattr(attention, name).bias.view(-1, config.head_dim)[h].norm().item()
+            for h in range(config.num_key_value_heads)
+        ]
+        for name in ("q_proj", "k_proj", "v_proj")
+    },
     index=[f"head {h}" for h in range(config.num_key_value_heads)],
 )
 bias_norms.map(lambda x: f"{x:.2f}")
 
 # %%
-assert [p.shape[0] for p in (attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight)] == [H * D, KV * D, KV * D]
+assert [
+    p.shape[0]
+    for p in (attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight)
+] == [H * D, KV * D, KV * D]
 assert attention.o_proj.bias is None and attention.q_proj.bias is not None
 
 # %% [markdown]
@@ -109,20 +145,30 @@ def keep_inputs(module, args, kwargs):
 
 
 handles = [hf_attention.register_forward_pre_hook(keep_inputs, with_kwargs=True)]
-handles += [getattr(hf_attention, n).register_forward_hook(keep_output(n)) for n in ("q_proj", "k_proj", "v_proj")]
-handles += [hf_attention.o_proj.register_forward_pre_hook(lambda m, args: captured.update(heads_out=args[0]))]
+handles += [
+    getattr(hf_attention, n).register_forward_hook(keep_output(n))
+    for n in ("q_proj", "k_proj", "v_proj")
+]
+handles += [
+    hf_attention.o_proj.register_forward_pre_hook(
+        lambda m, args: captured.update(heads_out=args[0])
+    )
+]
 handles += [hf_attention.register_forward_hook(keep_output("attention"))]
 with torch.no_grad():
     hf(ids, output_attentions=True)
 for handle in handles:
     handle.remove()
 hf_output, hf_weights = captured["attention"]
-print(f"{seq} tokens; HF's mask is {captured['mask'].dtype} {tuple(captured['mask'].shape)}, weights {tuple(hf_weights.shape)}")
+print(
+    f"{seq} tokens; HF's mask is {captured['mask'].dtype} {tuple(captured['mask'].shape)}, weights {tuple(hf_weights.shape)}"
+)
 
 # %% [markdown]
 # HF's scores are not returned by any module, so we recompute them from the captured tensors with HF's own
 # pieces (`apply_rotary_pos_emb`, `repeat_kv`), exactly as `eager_attention_forward` does, and check that its
 # softmax gives back the captured weights.
+
 
 # %%
 def heads(t, n):
@@ -130,10 +176,19 @@ def heads(t, n):
 
 
 with torch.no_grad():
-    hf_q, hf_k = apply_rotary_pos_emb(heads(captured["q_proj"], H), heads(captured["k_proj"], KV), captured["cos"], captured["sin"])
+    hf_q, hf_k = apply_rotary_pos_emb(
+        heads(captured["q_proj"], H),
+        heads(captured["k_proj"], KV),
+        captured["cos"],
+        captured["sin"],
+    )
     hf_v = heads(captured["v_proj"], KV)
-    hf_scores = hf_q @ repeat_kv(hf_k, config.kv_groups).transpose(2, 3) * hf_attention.scaling
-    hf_again, hf_weights_again = eager_attention_forward(hf_attention, hf_q, hf_k, hf_v, captured["mask"], scaling=hf_attention.scaling)  # fmt: skip
+    hf_scores = (
+        hf_q @ repeat_kv(hf_k, config.kv_groups).transpose(2, 3) * hf_attention.scaling
+    )
+    hf_again, hf_weights_again = eager_attention_forward(
+        hf_attention, hf_q, hf_k, hf_v, captured["mask"], scaling=hf_attention.scaling
+    )
 assert torch.equal(hf_weights_again, hf_weights)
 assert torch.equal(hf_again.reshape(1, seq, -1), captured["heads_out"])
 
@@ -152,10 +207,15 @@ with torch.no_grad():
     x = captured["hidden_states"]
     q = heads(attention.q_proj(x), H)
     k, v = heads(attention.k_proj(x), KV), heads(attention.v_proj(x), KV)
-    cos, sin = rope_cos_sin(ours.inv_freq, torch.arange(seq, device=DEVICE)[None], ours.rope_scale, x.dtype)
+    cos, sin = rope_cos_sin(
+        ours.inv_freq, torch.arange(seq, device=DEVICE)[None], ours.rope_scale, x.dtype
+    )
     q_rot, k_rot = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     # each query head reads the kv head of its group: heads 0-6 read kv head 0, heads 7-13 kv head 1
-    k_all, v_all = k_rot.repeat_interleave(config.kv_groups, dim=1), v.repeat_interleave(config.kv_groups, dim=1)
+    k_all, v_all = (
+        k_rot.repeat_interleave(config.kv_groups, dim=1),
+        v.repeat_interleave(config.kv_groups, dim=1),
+    )
     scores = q_rot @ k_all.transpose(2, 3) / math.sqrt(D)
     causal = torch.ones(seq, seq, dtype=torch.bool, device=DEVICE).tril()
     weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
@@ -163,7 +223,9 @@ with torch.no_grad():
     output = attention.o_proj(heads_out)
     package_output = attention(x, cos, sin, None)
 
-visible = causal.expand_as(scores)  # HF fills hidden scores with the dtype's minimum, we leave them: compare the rest
+visible = causal.expand_as(
+    scores
+)  # HF fills hidden scores with the dtype's minimum, we leave them: compare the rest
 steps = {
     "Q (projection)": (q, heads(captured["q_proj"], H)),
     "K (projection)": (k, heads(captured["k_proj"], KV)),
@@ -186,7 +248,15 @@ diff_table(steps)
 # another order and agrees to float32 rounding. The bit-exact steps are asserted as such, the rest to a tolerance.
 
 # %%
-for name in ("Q (projection)", "K (projection)", "V (projection)", "cos", "sin", "Q (rotated)", "K (rotated)"):
+for name in (
+    "Q (projection)",
+    "K (projection)",
+    "V (projection)",
+    "cos",
+    "sin",
+    "Q (rotated)",
+    "K (rotated)",
+):
     assert torch.equal(*steps[name]), name
 for name, (a, b) in steps.items():
     assert diff_stats(a, b)["max_rel"] <= tolerance("elementwise") * 10, name
@@ -203,13 +273,26 @@ assert torch.equal(weights[~visible], torch.zeros_like(weights[~visible]))
 kv_of_head = torch.arange(KV)
 print("repeat_interleave:", kv_of_head.repeat_interleave(config.kv_groups).tolist())
 print("repeat:           ", kv_of_head.repeat(config.kv_groups).tolist())
-assert torch.equal(repeat_kv(k_rot, config.kv_groups), k_rot.repeat_interleave(config.kv_groups, dim=1))
+assert torch.equal(
+    repeat_kv(k_rot, config.kv_groups), k_rot.repeat_interleave(config.kv_groups, dim=1)
+)
 
 with torch.no_grad():
-    wrong_k, wrong_v = k_rot.repeat(1, config.kv_groups, 1, 1), v.repeat(1, config.kv_groups, 1, 1)
-    wrong_weights = (q_rot @ wrong_k.transpose(2, 3) / math.sqrt(D)).masked_fill(~causal, float("-inf")).softmax(-1)
-    wrong_output = attention.o_proj((wrong_weights @ wrong_v).transpose(1, 2).reshape(1, seq, -1))
-wrong = diff_table({"repeat_interleave": (output, hf_output), "repeat": (wrong_output, hf_output)})
+    wrong_k, wrong_v = (
+        k_rot.repeat(1, config.kv_groups, 1, 1),
+        v.repeat(1, config.kv_groups, 1, 1),
+    )
+    wrong_weights = (
+        (q_rot @ wrong_k.transpose(2, 3) / math.sqrt(D))
+        .masked_fill(~causal, float("-inf"))
+        .softmax(-1)
+    )
+    wrong_output = attention.o_proj(
+        (wrong_weights @ wrong_v).transpose(1, 2).reshape(1, seq, -1)
+    )
+wrong = diff_table(
+    {"repeat_interleave": (output, hf_output), "repeat": (wrong_output, hf_output)}
+)
 wrong
 
 # %%
@@ -225,7 +308,9 @@ assert diff_stats(output, hf_output)["max_rel"] <= tolerance("elementwise") * 10
 # it, some spread their weight, and several put a share of it on the first token (the mean is printed below).
 
 # %%
-fig, axes = plt.subplots(KV, config.kv_groups, figsize=(2 * config.kv_groups, 2.2 * KV), squeeze=False)
+fig, axes = plt.subplots(
+    KV, config.kv_groups, figsize=(2 * config.kv_groups, 2.2 * KV), squeeze=False
+)
 for h, ax in enumerate(axes.flat):
     ax.imshow(weights[0, h].float().cpu(), cmap="viridis", vmin=0, vmax=1)
     ax.set_title(f"head {h} (kv {h // config.kv_groups})", fontsize=9)
@@ -248,4 +333,8 @@ plt.show()
 # %%
 first_token_share = weights[0, :, 1:, 0].mean().item()
 print(f"mean weight on the first token (queries after it): {first_token_share:.2f}")
-assert torch.allclose(weights.sum(-1).float(), torch.ones(1, H, seq, device=DEVICE), atol=tolerance("elementwise"))
+assert torch.allclose(
+    weights.sum(-1).float(),
+    torch.ones(1, H, seq, device=DEVICE),
+    atol=tolerance("elementwise"),
+)

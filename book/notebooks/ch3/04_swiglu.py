@@ -30,12 +30,22 @@ import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from helpers import DEVICE, DTYPE, diff_stats, diff_table, model_path, show_source, tokenizer, tolerance
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from minqwen.config import ModelConfig
 from minqwen.layers import MLP
+
+from helpers import (
+    DEVICE,
+    DTYPE,
+    diff_stats,
+    diff_table,
+    model_path,
+    show_source,
+    tokenizer,
+    tolerance,
+)
 
 hf_logging.disable_progress_bar()
 torch.manual_seed(0)
@@ -67,20 +77,25 @@ ids = tokenizer()(prompt, return_tensors="pt").input_ids.to(DEVICE)
 layers = [0, config.num_hidden_layers // 2, config.num_hidden_layers - 1]
 captured = {}
 handles = [
-    hf.model.layers[i].mlp.register_forward_hook(lambda m, args, out, i=i: captured.update({i: (args[0], out)}))
+    hf.model.layers[i].mlp.register_forward_hook(
+        lambda m, args, out, i=i: captured.update({i: (args[0], out)})
+    )
     for i in layers
 ]
 with torch.no_grad():
     hf(ids)
 for handle in handles:
     handle.remove()
-print(f"{ids.shape[1]} tokens, layers {layers}, MLP input {tuple(captured[0][0].shape)}")
+print(
+    f"{ids.shape[1]} tokens, layers {layers}, MLP input {tuple(captured[0][0].shape)}"
+)
 
 # %% [markdown]
 # ## By hand, and with minqwen's `MLP`
 #
 # The hand version spells out every step with plain tensor operations; minqwen's `MLP` is given the same layer's
 # weights. Both are compared with what HF's `Qwen2MLP` returned.
+
 
 # %%
 def swiglu_by_hand(x, gate_weight, up_weight, down_weight):
@@ -97,7 +112,9 @@ with torch.no_grad():
         hf_mlp = hf.model.layers[i].mlp
         ours_mlps[i] = MLP(config).to(device=DEVICE, dtype=DTYPE)
         ours_mlps[i].load_state_dict(hf_mlp.state_dict())
-        by_hand = swiglu_by_hand(x, hf_mlp.gate_proj.weight, hf_mlp.up_proj.weight, hf_mlp.down_proj.weight)
+        by_hand = swiglu_by_hand(
+            x, hf_mlp.gate_proj.weight, hf_mlp.up_proj.weight, hf_mlp.down_proj.weight
+        )
         rows[f"layer {i}: minqwen MLP"] = (ours_mlps[i](x), hf_out)
         rows[f"layer {i}: by hand"] = (by_hand, hf_out)
 diff_table(rows)
@@ -109,7 +126,9 @@ diff_table(rows)
 # %%
 for i in layers:
     assert torch.equal(*rows[f"layer {i}: minqwen MLP"])
-    assert diff_stats(*rows[f"layer {i}: by hand"])["max_rel"] <= tolerance("elementwise")
+    assert diff_stats(*rows[f"layer {i}: by hand"])["max_rel"] <= tolerance(
+        "elementwise"
+    )
 
 # %% [markdown]
 # ## What the gate does
@@ -132,8 +151,12 @@ right.hist(product.flatten().float().cpu(), bins=200, range=(-1, 1), log=True)
 right.set(xlabel="silu(gate) * up", title="what reaches down_proj")
 plt.show()
 negative = (gate < 0).float().mean().item()
-small = (product.abs() < 0.01 * product.abs().amax(-1, keepdim=True)).float().mean().item()
-print(f"gate pre-activations below zero: {negative:.2f}; products below 1% of the token's largest: {small:.2f}")
+small = (
+    (product.abs() < 0.01 * product.abs().amax(-1, keepdim=True)).float().mean().item()
+)
+print(
+    f"gate pre-activations below zero: {negative:.2f}; products below 1% of the token's largest: {small:.2f}"
+)
 
 # %% [markdown]
 # ## Precision: no upcast here
@@ -143,6 +166,7 @@ print(f"gate pre-activations below zero: {negative:.2f}; products below 1% of th
 # against a float64 reference on the same inputs, that costs a few parts in a thousand, the size of bf16's own
 # rounding (2^-8 = 3.9e-3 relative), and an upcast of the elementwise part buys little, because the rounding of
 # the matmul outputs is still there.
+
 
 # %%
 def bf16_mlp(x, mlp, upcast_gate: bool):
@@ -160,11 +184,22 @@ with torch.no_grad():
         mlp_bf16 = mlp_bf16.bfloat16()
         x16 = captured[i][0].bfloat16()
         # float64 arithmetic on the very same bf16 inputs and weights: what is left is the arithmetic's error
-        weights64 = (p.double() for p in (mlp_bf16.gate_proj.weight, mlp_bf16.up_proj.weight, mlp_bf16.down_proj.weight))
+        weights64 = (
+            p.double()
+            for p in (
+                mlp_bf16.gate_proj.weight,
+                mlp_bf16.up_proj.weight,
+                mlp_bf16.down_proj.weight,
+            )
+        )
         exact = swiglu_by_hand(x16.double(), *weights64)
         precision[f"layer {i}"] = {
-            "bf16 as HF runs it": diff_stats(bf16_mlp(x16, mlp_bf16, False), exact)["max_rel"],
-            "bf16, silu*up in fp32": diff_stats(bf16_mlp(x16, mlp_bf16, True), exact)["max_rel"],
+            "bf16 as HF runs it": diff_stats(bf16_mlp(x16, mlp_bf16, False), exact)[
+                "max_rel"
+            ],
+            "bf16, silu*up in fp32": diff_stats(bf16_mlp(x16, mlp_bf16, True), exact)[
+                "max_rel"
+            ],
         }
 precision_table = pd.DataFrame(precision).T
 precision_table.map(lambda v: f"{v:.2e}")

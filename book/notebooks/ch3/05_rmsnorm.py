@@ -29,12 +29,22 @@
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from helpers import DEVICE, DTYPE, diff_stats, diff_table, model_path, show_source, tokenizer, tolerance
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 from minqwen.config import ModelConfig
 from minqwen.layers import RMSNorm, rms_norm
+
+from helpers import (
+    DEVICE,
+    DTYPE,
+    diff_stats,
+    diff_table,
+    model_path,
+    show_source,
+    tokenizer,
+    tolerance,
+)
 
 hf_logging.disable_progress_bar()
 torch.manual_seed(0)
@@ -54,10 +64,18 @@ show_source(RMSNorm)
 # %%
 prompt = "SELECT name, COUNT(*) AS orders FROM customers JOIN orders USING (customer_id) GROUP BY name;"
 ids = tokenizer()(prompt, return_tensors="pt").input_ids.to(DEVICE)
-norms = {f"layers.{i}.input_layernorm": hf.model.layers[i].input_layernorm for i in range(config.num_hidden_layers)}
+norms = {
+    f"layers.{i}.input_layernorm": hf.model.layers[i].input_layernorm
+    for i in range(config.num_hidden_layers)
+}
 norms["norm"] = hf.model.norm
 captured = {}
-handles = [m.register_forward_hook(lambda m, args, out, n=n: captured.update({n: (args[0], out)})) for n, m in norms.items()]
+handles = [
+    m.register_forward_hook(
+        lambda m, args, out, n=n: captured.update({n: (args[0], out)})
+    )
+    for n, m in norms.items()
+]
 with torch.no_grad():
     hf(ids)
 for handle in handles:
@@ -69,7 +87,11 @@ fig, ax = plt.subplots()
 ax.semilogy(rms, marker=".", label="median RMS over tokens")
 ax.semilogy(peak, marker=".", label="max |x|")
 ax.axhline(256, color="gray", ls="--", label="256: x^2 overflows fp16 above this")
-ax.set(xlabel="norm (0-23: layer inputs, 24: final norm)", ylabel="magnitude", title="inputs to RMSNorm")
+ax.set(
+    xlabel="norm (0-23: layer inputs, 24: final norm)",
+    ylabel="magnitude",
+    title="inputs to RMSNorm",
+)
 ax.legend()
 plt.show()
 print(f"largest input: {max(peak):.0f} at {list(norms)[peak.index(max(peak))]}")
@@ -77,20 +99,32 @@ print(f"largest input: {max(peak):.0f} at {list(norms)[peak.index(max(peak))]}")
 # %% [markdown]
 # ## By hand, and with minqwen's `RMSNorm`
 
+
 # %%
 def rmsnorm_by_hand(x, weight, eps):
     x32 = x.float()
-    return weight * (x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return weight * (x32 / torch.sqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(
+        x.dtype
+    )
 
 
 rows = {}
 with torch.no_grad():
-    for name in ("layers.0.input_layernorm", f"layers.{config.num_hidden_layers // 2}.input_layernorm", "norm"):
+    for name in (
+        "layers.0.input_layernorm",
+        f"layers.{config.num_hidden_layers // 2}.input_layernorm",
+        "norm",
+    ):
         x, hf_out = captured[name]
-        ours = RMSNorm(config.hidden_size, config.rms_norm_eps).to(device=DEVICE, dtype=DTYPE)
+        ours = RMSNorm(config.hidden_size, config.rms_norm_eps).to(
+            device=DEVICE, dtype=DTYPE
+        )
         ours.load_state_dict(norms[name].state_dict())
         rows[f"{name}: minqwen RMSNorm"] = (ours(x), hf_out)
-        rows[f"{name}: by hand"] = (rmsnorm_by_hand(x, norms[name].weight, config.rms_norm_eps), hf_out)
+        rows[f"{name}: by hand"] = (
+            rmsnorm_by_hand(x, norms[name].weight, config.rms_norm_eps),
+            hf_out,
+        )
 diff_table(rows)
 
 # %% [markdown]
@@ -115,6 +149,7 @@ for name, (a, b) in rows.items():
 # We measure both against a float64 reference, on the real hidden states of every layer rounded to bf16 (so the
 # inputs are the same for all three and only the arithmetic differs).
 
+
 # %%
 def rmsnorm_without_upcast(x, weight, eps):
     return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
@@ -126,13 +161,24 @@ with torch.no_grad():
         x16 = captured[name][0].bfloat16()
         weight16 = module.weight.bfloat16()
         x64 = x16.double()
-        exact = weight16.double() * x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
+        exact = (
+            weight16.double()
+            * x64
+            * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + config.rms_norm_eps)
+        )
         norm16 = RMSNorm(config.hidden_size, config.rms_norm_eps).to(DEVICE).bfloat16()
         norm16.weight.copy_(weight16)
         results[name] = {
             "bf16 with upcast (minqwen, HF)": diff_stats(norm16(x16), exact)["max_rel"],
-            "bf16 without upcast": diff_stats(rmsnorm_without_upcast(x16, weight16, config.rms_norm_eps), exact)["max_rel"],
-            "fp16 without upcast": diff_stats(rmsnorm_without_upcast(x16.half(), weight16.half(), config.rms_norm_eps), exact)["max_rel"],  # fmt: skip
+            "bf16 without upcast": diff_stats(
+                rmsnorm_without_upcast(x16, weight16, config.rms_norm_eps), exact
+            )["max_rel"],
+            "fp16 without upcast": diff_stats(
+                rmsnorm_without_upcast(
+                    x16.half(), weight16.half(), config.rms_norm_eps
+                ),
+                exact,
+            )["max_rel"],
         }
 precision = pd.DataFrame(results).T
 summary = precision.agg(["median", "max"])
@@ -141,9 +187,17 @@ summary.map(lambda v: f"{v:.2e}")
 # %%
 fig, ax = plt.subplots()
 for column in precision:
-    ax.semilogy(range(len(precision)), precision[column].clip(upper=1e3), marker=".", label=column)
-ax.set(xlabel="norm (0-23: layer inputs, 24: final norm)", ylabel="max |error| / max |exact|",
-       title="RMSNorm in half precision against float64")  # fmt: skip
+    ax.semilogy(
+        range(len(precision)),
+        precision[column].clip(upper=1e3),
+        marker=".",
+        label=column,
+    )
+ax.set(
+    xlabel="norm (0-23: layer inputs, 24: final norm)",
+    ylabel="max |error| / max |exact|",
+    title="RMSNorm in half precision against float64",
+)
 ax.legend()
 plt.show()
 
@@ -157,9 +211,14 @@ plt.show()
 
 # %%
 assert summary.loc["max", "bf16 with upcast (minqwen, HF)"] <= 2**-7
-assert summary.loc["median", "bf16 without upcast"] > summary.loc["median", "bf16 with upcast (minqwen, HF)"]
+assert (
+    summary.loc["median", "bf16 without upcast"]
+    > summary.loc["median", "bf16 with upcast (minqwen, HF)"]
+)
 with torch.no_grad():
     worst = max(norms, key=lambda n: captured[n][0].abs().max())
     x_half = captured[worst][0].half()
     overflowed = ~torch.isfinite(x_half.pow(2).mean(-1))
-print(f"{worst}: {int(overflowed.sum())} of {overflowed.numel()} tokens overflow fp16 without the upcast")
+print(
+    f"{worst}: {int(overflowed.sum())} of {overflowed.numel()} tokens overflow fp16 without the upcast"
+)

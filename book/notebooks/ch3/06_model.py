@@ -30,7 +30,6 @@ import inspect
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from helpers import DEVICE, DTYPE, diff_stats, golden_applies, load_golden, model_path, show_source, tokenizer, tolerance
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
@@ -38,6 +37,18 @@ import minqwen
 from minqwen import config, layers, model, rope
 from minqwen.model import positions_from_mask
 from minqwen.probe import compare_layers, format_table, rows_as_dicts
+
+from helpers import (
+    DEVICE,
+    DTYPE,
+    diff_stats,
+    golden_applies,
+    load_golden,
+    model_path,
+    show_source,
+    tokenizer,
+    tolerance,
+)
 
 hf_logging.disable_progress_bar()
 torch.manual_seed(0)
@@ -53,8 +64,17 @@ forward_modules = (model, layers, rope, config)
 def imported_packages(module) -> set[str]:
     """Top-level packages a module imports; its own package's modules (relative imports) are left out."""
     tree = ast.parse(inspect.getsource(module))
-    found = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
-    found |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.level == 0}
+    found = {
+        alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    }
+    found |= {
+        node.module.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.level == 0
+    }
     return found - {"__future__"}
 
 
@@ -80,8 +100,10 @@ ours = minqwen.Qwen2.from_pretrained(model_path(), dtype=DTYPE, device=DEVICE)
 hf = AutoModelForCausalLM.from_pretrained(model_path(), dtype=DTYPE).to(DEVICE).eval()
 ours_names = set(ours.state_dict())
 hf_names = {minqwen.model.hf_to_minqwen(n) for n in hf.state_dict()}
-print(f"{len(ours_names)} tensors, {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, "
-      f"tied head: {ours.config.tie_word_embeddings}")  # fmt: skip
+print(
+    f"{len(ours_names)} tensors, {sum(p.numel() for p in ours.parameters()) / 1e6:.1f}M parameters, "
+    f"tied head: {ours.config.tie_word_embeddings}"
+)
 assert ours_names == hf_names
 
 # %% [markdown]
@@ -96,8 +118,10 @@ with torch.no_grad():
     logits = ours(ids)
     hf_logits = hf(ids).logits
 stats = diff_stats(logits, hf_logits)
-print(f"logits {tuple(logits.shape)}; max |Δlogit| = {stats['max_abs']:.2e}, max |logit| = {hf_logits.abs().max():.1f}, "
-      f"relative {stats['max_rel']:.2e}")  # fmt: skip
+print(
+    f"logits {tuple(logits.shape)}; max |Δlogit| = {stats['max_abs']:.2e}, max |logit| = {hf_logits.abs().max():.1f}, "
+    f"relative {stats['max_rel']:.2e}"
+)
 assert logits.shape == (1, ids.shape[1], ours.config.vocab_size)
 assert stats["max_rel"] <= tolerance("forward")
 assert torch.equal(logits.argmax(-1), hf_logits.argmax(-1))
@@ -111,17 +135,28 @@ assert torch.equal(logits.argmax(-1), hf_logits.argmax(-1))
 show_source(positions_from_mask)
 
 # %%
-batch = tokenizer()(["x = 1", "for i in range(10):\n    print(i)"], return_tensors="pt", padding=True, padding_side="left")
+batch = tokenizer()(
+    ["x = 1", "for i in range(10):\n    print(i)"],
+    return_tensors="pt",
+    padding=True,
+    padding_side="left",
+)
 batch_ids, mask = batch.input_ids.to(DEVICE), batch.attention_mask.to(DEVICE)
 with torch.no_grad():
     batch_logits = ours(batch_ids, attention_mask=mask)
-    hf_batch = hf(batch_ids, attention_mask=mask, position_ids=positions_from_mask(mask)).logits
+    hf_batch = hf(
+        batch_ids, attention_mask=mask, position_ids=positions_from_mask(mask)
+    ).logits
     alone = ours(batch_ids[:1, mask[0].bool()])
 real = mask.bool()
 batch_stats = diff_stats(batch_logits[real], hf_batch[real])
 alone_stats = diff_stats(batch_logits[0, mask[0].bool()], alone[0])
-print(f"padded batch vs HF: relative {batch_stats['max_rel']:.2e}; short prompt padded vs alone: {alone_stats['max_rel']:.2e}")
-assert batch_stats["max_rel"] <= tolerance("forward") and alone_stats["max_rel"] <= tolerance("forward")
+print(
+    f"padded batch vs HF: relative {batch_stats['max_rel']:.2e}; short prompt padded vs alone: {alone_stats['max_rel']:.2e}"
+)
+assert batch_stats["max_rel"] <= tolerance("forward") and alone_stats[
+    "max_rel"
+] <= tolerance("forward")
 
 # %% [markdown]
 # ## Layer by layer
@@ -137,8 +172,16 @@ print(format_table(rows))
 per_layer = pd.DataFrame(rows_as_dicts(rows))
 fig, ax = plt.subplots()
 ax.semilogy(range(len(per_layer)), per_layer["max_rel"].clip(lower=1e-12), marker=".")
-ax.set_xticks(range(len(per_layer)), ["embed", *range(ours.config.num_hidden_layers), "norm", "head"], rotation=90, fontsize=7)
-ax.set(ylabel="max |Δ| / max |HF|", title=f"minqwen vs HF, {str(DTYPE).removeprefix('torch.')}, per module (zeros drawn at 1e-12)")
+ax.set_xticks(
+    range(len(per_layer)),
+    ["embed", *range(ours.config.num_hidden_layers), "norm", "head"],
+    rotation=90,
+    fontsize=7,
+)
+ax.set(
+    ylabel="max |Δ| / max |HF|",
+    title=f"minqwen vs HF, {str(DTYPE).removeprefix('torch.')}, per module (zeros drawn at 1e-12)",
+)
 plt.show()
 
 # %%
@@ -154,23 +197,43 @@ assert (per_layer["max_rel"] <= tolerance("forward")).all()
 
 # %%
 if golden_applies():
-    references = [(r["name"], r["prompt_ids"], r["output_ids"], r["max_new_tokens"]) for r in load_golden()]
-    assert all(not r["do_sample"] and r["repetition_penalty"] == 1.0 for r in load_golden())
+    references = [
+        (r["name"], r["prompt_ids"], r["output_ids"], r["max_new_tokens"])
+        for r in load_golden()
+    ]
+    assert all(
+        not r["do_sample"] and r["repetition_penalty"] == 1.0 for r in load_golden()
+    )
 else:
     chat = tokenizer().apply_chat_template(
-        [{"role": "user", "content": "Write a Python function that reverses a string."}], add_generation_prompt=True
+        [
+            {
+                "role": "user",
+                "content": "Write a Python function that reverses a string.",
+            }
+        ],
+        add_generation_prompt=True,
     )["input_ids"]
     with torch.no_grad():
         hf_ids = hf.generate(
-            torch.tensor([chat], device=DEVICE), attention_mask=torch.ones(1, len(chat), dtype=torch.long, device=DEVICE),
-            do_sample=False, repetition_penalty=1.0, max_new_tokens=24,
-        )  # fmt: skip
+            torch.tensor([chat], device=DEVICE),
+            attention_mask=torch.ones(1, len(chat), dtype=torch.long, device=DEVICE),
+            do_sample=False,
+            repetition_penalty=1.0,
+            max_new_tokens=24,
+        )
     references = [("HF generate", chat, hf_ids[0].tolist(), 24)]
 for name, prompt_ids, expected, max_new_tokens in references:
     with torch.no_grad():
-        generated = minqwen.generate(ours, torch.tensor([prompt_ids], device=DEVICE), max_new_tokens=max_new_tokens)
+        generated = minqwen.generate(
+            ours,
+            torch.tensor([prompt_ids], device=DEVICE),
+            max_new_tokens=max_new_tokens,
+        )
     new = generated[0, len(prompt_ids) :].tolist()
-    print(f"--- {name}: {len(new)} new tokens, identical: {generated[0].tolist() == expected}")
+    print(
+        f"--- {name}: {len(new)} new tokens, identical: {generated[0].tolist() == expected}"
+    )
     print(tokenizer().decode(new, skip_special_tokens=True))
     assert generated[0].tolist() == expected, name
 
@@ -186,8 +249,14 @@ for name, prompt_ids, expected, max_new_tokens in references:
 reference = (logits.float(), hf_logits.float())
 del ours, hf
 gc.collect()
-ours16 = minqwen.Qwen2.from_pretrained(model_path(), dtype=torch.bfloat16, device=DEVICE)
-hf16 = AutoModelForCausalLM.from_pretrained(model_path(), dtype=torch.bfloat16).to(DEVICE).eval()
+ours16 = minqwen.Qwen2.from_pretrained(
+    model_path(), dtype=torch.bfloat16, device=DEVICE
+)
+hf16 = (
+    AutoModelForCausalLM.from_pretrained(model_path(), dtype=torch.bfloat16)
+    .to(DEVICE)
+    .eval()
+)
 with torch.no_grad():
     ours16_logits, hf16_logits = ours16(ids).float(), hf16(ids).logits.float()
 fp32_reference = reference[1]
@@ -197,11 +266,25 @@ def top1(a):
     return (a.argmax(-1) == fp32_reference.argmax(-1)).float().mean().item()
 
 
-bf16_table = pd.DataFrame({
-    "HF bf16 vs fp32": {**diff_stats(hf16_logits, fp32_reference), "top-1 agreement": top1(hf16_logits)},
-    "minqwen bf16 vs fp32": {**diff_stats(ours16_logits, fp32_reference), "top-1 agreement": top1(ours16_logits)},
-    "minqwen bf16 vs HF bf16": {**diff_stats(ours16_logits, hf16_logits), "top-1 agreement": (ours16_logits.argmax(-1) == hf16_logits.argmax(-1)).float().mean().item()},
-}).T  # fmt: skip
+bf16_table = pd.DataFrame(
+    {
+        "HF bf16 vs fp32": {
+            **diff_stats(hf16_logits, fp32_reference),
+            "top-1 agreement": top1(hf16_logits),
+        },
+        "minqwen bf16 vs fp32": {
+            **diff_stats(ours16_logits, fp32_reference),
+            "top-1 agreement": top1(ours16_logits),
+        },
+        "minqwen bf16 vs HF bf16": {
+            **diff_stats(ours16_logits, hf16_logits),
+            "top-1 agreement": (ours16_logits.argmax(-1) == hf16_logits.argmax(-1))
+            .float()
+            .mean()
+            .item(),
+        },
+    }
+).T
 bf16_table.map(lambda v: f"{v:.2e}" if v < 0.5 else f"{v:.2f}")
 
 # %% [markdown]

@@ -26,19 +26,33 @@
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from helpers import DEVICE, DTYPE, diff_stats, diff_table, hf_model, show_figure, tokenizer, tolerance
 from transformers.utils import logging as hf_logging
 
 from minqwen.hardware import kv_cache_bytes_per_token, memory_estimate
 from minqwen.sizes import SIZES, qwen25_config
 
+from helpers import (
+    DEVICE,
+    DTYPE,
+    diff_stats,
+    diff_table,
+    hf_model,
+    show_figure,
+    tokenizer,
+    tolerance,
+)
+
 hf_logging.disable_progress_bar()
 model, tok = hf_model(), tokenizer()
 config = model.config
 messages = [{"role": "user", "content": "Explain what a KV cache is in one sentence."}]
-prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"].to(DEVICE)
-print(f"prompt: {prompt.shape[1]} tokens; {config.num_hidden_layers} layers, {config.num_key_value_heads} kv heads, "
-      f"head_dim {config.hidden_size // config.num_attention_heads}")  # fmt: skip
+prompt = tok.apply_chat_template(
+    messages, add_generation_prompt=True, return_tensors="pt"
+)["input_ids"].to(DEVICE)
+print(
+    f"prompt: {prompt.shape[1]} tokens; {config.num_hidden_layers} layers, {config.num_key_value_heads} kv heads, "
+    f"head_dim {config.hidden_size // config.num_attention_heads}"
+)
 
 # %% [markdown]
 # ## Prefill: the cache object
@@ -74,8 +88,14 @@ assert cache.get_seq_length() == prompt.shape[1]
 # The table follows the cache through five greedy steps.
 
 # %%
-rows = [{"step": "prefill", "tokens fed": prompt.shape[1], "cached positions": cache.get_seq_length(),
-         "layer 0 keys": tuple(cache.layers[0].keys.shape)}]  # fmt: skip
+rows = [
+    {
+        "step": "prefill",
+        "tokens fed": prompt.shape[1],
+        "cached positions": cache.get_seq_length(),
+        "layer 0 keys": tuple(cache.layers[0].keys.shape),
+    }
+]
 sequence = prompt
 next_token = out.logits[:, -1].argmax(-1, keepdim=True)
 step_logits = []
@@ -84,8 +104,14 @@ with torch.inference_mode():
         sequence = torch.cat([sequence, next_token], dim=1)
         out = model(next_token, past_key_values=cache, use_cache=True)
         step_logits.append(out.logits[:, -1])
-        rows.append({"step": f"decode {step}", "tokens fed": next_token.shape[1],
-                     "cached positions": cache.get_seq_length(), "layer 0 keys": tuple(cache.layers[0].keys.shape)})  # fmt: skip
+        rows.append(
+            {
+                "step": f"decode {step}",
+                "tokens fed": next_token.shape[1],
+                "cached positions": cache.get_seq_length(),
+                "layer 0 keys": tuple(cache.layers[0].keys.shape),
+            }
+        )
         next_token = out.logits[:, -1].argmax(-1, keepdim=True)
 pd.DataFrame(rows).set_index("step")
 
@@ -119,17 +145,33 @@ assert cache.get_seq_length() == sequence.shape[1]
 # %%
 with torch.inference_mode():
     fresh = model(sequence[:, :-1], use_cache=True).past_key_values
-assert diff_stats(cache.layers[0].keys[:, :, :-1], fresh.layers[0].keys)["max_rel"] <= tolerance("forward")
+assert diff_stats(cache.layers[0].keys[:, :, :-1], fresh.layers[0].keys)[
+    "max_rel"
+] <= tolerance("forward")
 
 past = fresh.get_seq_length()
 with torch.inference_mode():
-    right = model(sequence[:, -1:], past_key_values=fresh, position_ids=torch.tensor([[past]], device=DEVICE)).logits
-    fresh.crop(-1)  # forget the token just appended, then feed it again with a wrong position
-    wrong = model(sequence[:, -1:], past_key_values=fresh, position_ids=torch.tensor([[0]], device=DEVICE)).logits
+    right = model(
+        sequence[:, -1:],
+        past_key_values=fresh,
+        position_ids=torch.tensor([[past]], device=DEVICE),
+    ).logits
+    fresh.crop(
+        -1
+    )  # forget the token just appended, then feed it again with a wrong position
+    wrong = model(
+        sequence[:, -1:],
+        past_key_values=fresh,
+        position_ids=torch.tensor([[0]], device=DEVICE),
+    ).logits
 shift = (right - wrong).abs().max().item()
-print(f"position {past} vs position 0: logits differ by up to {shift:.1f}; next token {right.argmax().item()} vs {wrong.argmax().item()}")
+print(
+    f"position {past} vs position 0: logits differ by up to {shift:.1f}; next token {right.argmax().item()} vs {wrong.argmax().item()}"
+)
 assert diff_stats(right[:, -1], full[:, -1])["max_rel"] <= tolerance("forward")
-assert shift > 3 * tolerance("forward") * full.abs().max().item()  # far outside what rounding explains
+assert (
+    shift > 3 * tolerance("forward") * full.abs().max().item()
+)  # far outside what rounding explains
 
 # %% [markdown]
 # ## What the cache costs
@@ -139,18 +181,38 @@ assert shift > 3 * tolerance("forward") * full.abs().max().item()  # far outside
 # heads against 14 to 64 query heads. The numbers follow from the configs of all seven sizes.
 
 # %%
-actual = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers) / cache.get_seq_length()
-per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * torch.finfo(DTYPE).bits // 8
-print(f"this model's cache: {actual:,.0f} bytes per token ({str(DTYPE).removeprefix('torch.')})")
+actual = (
+    sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    / cache.get_seq_length()
+)
+per_token = (
+    2
+    * config.num_hidden_layers
+    * config.num_key_value_heads
+    * head_dim
+    * torch.finfo(DTYPE).bits
+    // 8
+)
+print(
+    f"this model's cache: {actual:,.0f} bytes per token ({str(DTYPE).removeprefix('torch.')})"
+)
 assert actual == per_token
 
 rows = []
 for size in SIZES:
     c = qwen25_config(size)
-    rows.append({"size": size, "layers": c["num_hidden_layers"], "kv heads": c["num_key_value_heads"],
-                 "head_dim": c["hidden_size"] // c["num_attention_heads"],
-                 "KiB/token bf16": kv_cache_bytes_per_token(size, "bfloat16") / 1024,
-                 "GiB at 32k tokens bf16": round(kv_cache_bytes_per_token(size, "bfloat16") * 32768 / 2**30, 2)})  # fmt: skip
+    rows.append(
+        {
+            "size": size,
+            "layers": c["num_hidden_layers"],
+            "kv heads": c["num_key_value_heads"],
+            "head_dim": c["hidden_size"] // c["num_attention_heads"],
+            "KiB/token bf16": kv_cache_bytes_per_token(size, "bfloat16") / 1024,
+            "GiB at 32k tokens bf16": round(
+                kv_cache_bytes_per_token(size, "bfloat16") * 32768 / 2**30, 2
+            ),
+        }
+    )
 pd.DataFrame(rows).set_index("size")
 
 # %%
@@ -166,18 +228,43 @@ assert kv_cache_bytes_per_token("72B", "bfloat16") == 2 * 80 * 8 * 128 * 2
 contexts = [2**k for k in range(9, 20)]
 fig, ax = plt.subplots()
 for size in SIZES:
-    line, = ax.plot(contexts, [kv_cache_bytes_per_token(size) * n / 2**30 for n in contexts], marker="o", ms=3, label=size)
+    (line,) = ax.plot(
+        contexts,
+        [kv_cache_bytes_per_token(size) * n / 2**30 for n in contexts],
+        marker="o",
+        ms=3,
+        label=size,
+    )
     if size in ("0.5B", "7B", "72B"):
-        ax.axhline(memory_estimate(size)["weights"] / 2**30, color=line.get_color(), ls="--", lw=0.8)
-ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="KV cache, GiB (bf16, batch 1)",
-       title="KV cache memory against context length")  # fmt: skip
+        ax.axhline(
+            memory_estimate(size)["weights"] / 2**30,
+            color=line.get_color(),
+            ls="--",
+            lw=0.8,
+        )
+ax.set(
+    xscale="log",
+    yscale="log",
+    xlabel="context length (tokens)",
+    ylabel="KV cache, GiB (bf16, batch 1)",
+    title="KV cache memory against context length",
+)
 ax.legend(ncol=2, fontsize=8)
 show_figure(fig)
 
 # %%
-even = {size: memory_estimate(size)["weights"] // kv_cache_bytes_per_token(size) for size in SIZES}
-pd.DataFrame({"context where cache = weights (batch 1)": {s: f"{n:,}" for s, n in even.items()},
-              "same at batch 32": {s: f"{n // 32:,}" for s, n in even.items()}})  # fmt: skip
+even = {
+    size: memory_estimate(size)["weights"] // kv_cache_bytes_per_token(size)
+    for size in SIZES
+}
+pd.DataFrame(
+    {
+        "context where cache = weights (batch 1)": {
+            s: f"{n:,}" for s, n in even.items()
+        },
+        "same at batch 32": {s: f"{n // 32:,}" for s, n in even.items()},
+    }
+)
 
 # %%
 assert 80_000 < even["0.5B"] < 81_000 and 265_000 < even["7B"] < 266_000

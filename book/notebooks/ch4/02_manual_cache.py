@@ -27,19 +27,38 @@ import time
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from helpers import (DEVICE, DTYPE, agree_up_to_a_near_tie, diff_stats, diff_table, golden_applies, hf_model, load_golden, model_path, show_figure,
-                     show_source, tokenizer, tolerance)
 from transformers.utils import logging as hf_logging
 
 import minqwen
 from minqwen import DynamicKVCache, StaticKVCache
 
+from helpers import (
+    DEVICE,
+    DTYPE,
+    agree_up_to_a_near_tie,
+    diff_stats,
+    diff_table,
+    golden_applies,
+    hf_model,
+    load_golden,
+    model_path,
+    show_figure,
+    show_source,
+    tokenizer,
+    tolerance,
+)
+
 hf_logging.disable_progress_bar()
 ours = minqwen.Qwen2.from_pretrained(model_path(), dtype=DTYPE, device=DEVICE)
 hf, tok = hf_model(), tokenizer()
 config = ours.config
-messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "List three uses of a hash map."}]
-prompt = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")["input_ids"].to(DEVICE)
+messages = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "List three uses of a hash map."},
+]
+prompt = tok.apply_chat_template(
+    messages, add_generation_prompt=True, return_tensors="pt"
+)["input_ids"].to(DEVICE)
 print(f"prompt: {prompt.shape[1]} tokens")
 
 # %% [markdown]
@@ -73,6 +92,7 @@ show_source(minqwen.Qwen2.forward)
 # `cache.length + arange(new tokens)`. Then one uncached forward pass runs over the whole final sequence. Its
 # logits at the same positions must equal the step-by-step ones.
 
+
 # %%
 def prefill_then_decode(model, prompt, cache, steps):
     """Greedy tokens, plus the logits each step produced for the position it fed last."""
@@ -81,7 +101,9 @@ def prefill_then_decode(model, prompt, cache, steps):
         step_ids = prompt
         for _ in range(steps + 1):
             positions = cache.length + torch.arange(step_ids.shape[1], device=DEVICE)
-            step_logits = model(step_ids, position_ids=positions[None], cache=cache)[:, -1]
+            step_logits = model(step_ids, position_ids=positions[None], cache=cache)[
+                :, -1
+            ]
             logits.append(step_logits)
             step_ids = step_logits.argmax(-1, keepdim=True)
             ids = torch.cat([ids, step_ids], dim=1)
@@ -93,14 +115,23 @@ cache = DynamicKVCache(config.num_hidden_layers)
 ids, step_logits = prefill_then_decode(ours, prompt, cache, steps)
 with torch.inference_mode():
     full = ours(ids)[:, prompt.shape[1] - 1 : -1]
-print(f"cache holds {cache.length} positions; layer 0 keys {tuple(cache.keys[0].shape)}")
+print(
+    f"cache holds {cache.length} positions; layer 0 keys {tuple(cache.keys[0].shape)}"
+)
 print(repr(tok.decode(ids[0, prompt.shape[1] :])))
-diffs = diff_table({"prefill + 8 decode steps vs one uncached forward": (step_logits, full)})
+diffs = diff_table(
+    {"prefill + 8 decode steps vs one uncached forward": (step_logits, full)}
+)
 diffs
 
 # %%
 assert float(diffs.iloc[0]["max_rel"]) <= tolerance("forward")
-assert cache.length == ids.shape[1] and cache.keys[0].shape == (1, config.num_key_value_heads, ids.shape[1], config.head_dim)
+assert cache.length == ids.shape[1] and cache.keys[0].shape == (
+    1,
+    config.num_key_value_heads,
+    ids.shape[1],
+    config.head_dim,
+)
 
 # %% [markdown]
 # ## The preallocated cache
@@ -117,8 +148,10 @@ show_source(StaticKVCache)
 static = StaticKVCache.for_model(ours, batch=1, max_len=prompt.shape[1] + steps + 4)
 storage = static.keys.data_ptr()
 static_ids, static_logits = prefill_then_decode(ours, prompt, static, steps)
-print(f"preallocated {static.keys.nbytes + static.values.nbytes:,} bytes for {static.capacity} positions; "
-      f"{static.length} used")  # fmt: skip
+print(
+    f"preallocated {static.keys.nbytes + static.values.nbytes:,} bytes for {static.capacity} positions; "
+    f"{static.length} used"
+)
 assert torch.equal(static_ids, ids) and static.keys.data_ptr() == storage
 assert diff_stats(static_logits, step_logits)["max_rel"] <= tolerance("forward")
 
@@ -150,6 +183,7 @@ else:
 # slip in the cache would change the draws too. No end token comes within 10 tokens here, so the loop of chapter 1,
 # which knows none, runs the same length.
 
+
 # %%
 def chapter1_loop(model, ids, max_new_tokens):
     for _ in range(max_new_tokens):
@@ -165,28 +199,53 @@ def hf_generate(ids, max_new_tokens, **settings):
     else:
         settings.update(temperature=None, top_k=None, top_p=None)
     with torch.inference_mode():
-        return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, **settings)
+        return hf.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_new_tokens,
+            **settings,
+        )
 
 
 new_tokens = 10
 greedy = dict(do_sample=False, repetition_penalty=1.0)
-sampled = dict(do_sample=True, seed=1234, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)
+sampled = dict(
+    do_sample=True,
+    seed=1234,
+    temperature=0.7,
+    top_k=20,
+    top_p=0.8,
+    repetition_penalty=1.05,
+)
 runs = {
     "chapter 1 loop (greedy)": chapter1_loop(ours, prompt, new_tokens),
     "generate, cache (greedy)": minqwen.generate(ours, prompt, new_tokens, **greedy),
     "generate on HF model (greedy)": minqwen.generate(hf, prompt, new_tokens, **greedy),
     "HF generate() (greedy)": hf_generate(prompt, new_tokens, **greedy),
     "generate, cache (sampled)": minqwen.generate(ours, prompt, new_tokens, **sampled),
-    "generate, no cache (sampled)": minqwen.generate(ours, prompt, new_tokens, use_cache=False, **sampled),
-    "generate on HF model (sampled)": minqwen.generate(hf, prompt, new_tokens, **sampled),
+    "generate, no cache (sampled)": minqwen.generate(
+        ours, prompt, new_tokens, use_cache=False, **sampled
+    ),
+    "generate on HF model (sampled)": minqwen.generate(
+        hf, prompt, new_tokens, **sampled
+    ),
     "HF generate() (sampled)": hf_generate(prompt, new_tokens, **sampled),
 }
-pd.DataFrame({"text": {name: tok.decode(out[0, prompt.shape[1] :]) for name, out in runs.items()}})
+pd.DataFrame(
+    {
+        "text": {
+            name: tok.decode(out[0, prompt.shape[1] :]) for name, out in runs.items()
+        }
+    }
+)
 
 # %%
 new_ids = {name: out[0, prompt.shape[1] :].tolist() for name, out in runs.items()}
 greedy_runs, sampled_runs = list(runs)[:4], list(runs)[4:]
-assert all(agree_up_to_a_near_tie(ours, prompt, new_ids[name], new_ids[greedy_runs[0]]) for name in greedy_runs)
+assert all(
+    agree_up_to_a_near_tie(ours, prompt, new_ids[name], new_ids[greedy_runs[0]])
+    for name in greedy_runs
+)
 # a sampled split has no near-tie to point at; in bfloat16 only the two runs of HF's own forward must agree
 must_agree = sampled_runs if DTYPE == torch.float32 else sampled_runs[2:]
 assert all(new_ids[name] == new_ids[must_agree[0]] for name in must_agree)
@@ -205,7 +264,12 @@ if golden_applies():
     for record in load_golden():
         prompt_ids = torch.tensor([record["prompt_ids"]], device=DEVICE)
         expected = record["output_ids"][: prompt_ids.shape[1] + new_tokens]
-        out = minqwen.generate(ours, prompt_ids, new_tokens, repetition_penalty=record["repetition_penalty"])
+        out = minqwen.generate(
+            ours,
+            prompt_ids,
+            new_tokens,
+            repetition_penalty=record["repetition_penalty"],
+        )
         assert out[0].tolist() == expected, record["name"]
         golden_checked += 1
     assert golden_checked == len(load_golden()) > 0
@@ -222,13 +286,17 @@ print(f"golden references reproduced by the cached loop: {golden_checked}")
 # %%
 # NBVAL_IGNORE_OUTPUT
 long_prompt = tok.apply_chat_template(
-    [{"role": "user", "content": "Summarise the history of computing. " * 4}], add_generation_prompt=True, return_tensors="pt"
-)["input_ids"].to(DEVICE)  # fmt: skip
+    [{"role": "user", "content": "Summarise the history of computing. " * 4}],
+    add_generation_prompt=True,
+    return_tensors="pt",
+)["input_ids"].to(DEVICE)
 
 
 def step_times(use_cache, steps=8):
     times, start = [], time.perf_counter()
-    for _ in minqwen.generate_tokens(ours, long_prompt, steps, eos_token_id=[], use_cache=use_cache):
+    for _ in minqwen.generate_tokens(
+        ours, long_prompt, steps, eos_token_id=[], use_cache=use_cache
+    ):
         now = time.perf_counter()
         times.append(now - start)
         start = now
@@ -237,14 +305,32 @@ def step_times(use_cache, steps=8):
 
 cached_times, uncached_times = step_times(True), step_times(False)
 fig, ax = plt.subplots()
-ax.plot(range(1, len(uncached_times) + 1), [t * 1e3 for t in uncached_times], marker="o", ms=3, label="no cache: whole sequence")
-ax.plot(range(1, len(cached_times) + 1), [t * 1e3 for t in cached_times], marker="o", ms=3, label="KV cache: one token")
-ax.set(xlabel="decode step", ylabel="ms per step", ylim=(0, None),
-       title=f"Decode step time, prompt of {long_prompt.shape[1]} tokens ({DEVICE}, {str(DTYPE).removeprefix('torch.')})")  # fmt: skip
+ax.plot(
+    range(1, len(uncached_times) + 1),
+    [t * 1e3 for t in uncached_times],
+    marker="o",
+    ms=3,
+    label="no cache: whole sequence",
+)
+ax.plot(
+    range(1, len(cached_times) + 1),
+    [t * 1e3 for t in cached_times],
+    marker="o",
+    ms=3,
+    label="KV cache: one token",
+)
+ax.set(
+    xlabel="decode step",
+    ylabel="ms per step",
+    ylim=(0, None),
+    title=f"Decode step time, prompt of {long_prompt.shape[1]} tokens ({DEVICE}, {str(DTYPE).removeprefix('torch.')})",
+)
 ax.legend()
 show_figure(fig)
 median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
-print(f"median step: {median(uncached_times) * 1e3:.0f} ms without the cache, {median(cached_times) * 1e3:.0f} ms with it")
+print(
+    f"median step: {median(uncached_times) * 1e3:.0f} ms without the cache, {median(cached_times) * 1e3:.0f} ms with it"
+)
 assert median(cached_times) < median(uncached_times)
 
 # %% [markdown]
@@ -252,14 +338,34 @@ assert median(cached_times) < median(uncached_times)
 # and the static cache reserves all of it up front.
 
 # %%
-per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * torch.finfo(DTYPE).bits // 8
+per_token = (
+    2
+    * config.num_hidden_layers
+    * config.num_key_value_heads
+    * config.head_dim
+    * torch.finfo(DTYPE).bits
+    // 8
+)
 lengths = list(range(prompt.shape[1], prompt.shape[1] + steps + 1))
 fig, ax = plt.subplots()
-ax.plot(lengths, [n * per_token / 2**20 for n in lengths], label="DynamicKVCache (grows)")
-ax.axhline((static.keys.nbytes + static.values.nbytes) / 2**20, color="gray", ls="--", label=f"StaticKVCache ({static.capacity} positions)")
-ax.set(xlabel="positions in the cache", ylabel="MiB", title="KV cache memory during the decode above")
+ax.plot(
+    lengths, [n * per_token / 2**20 for n in lengths], label="DynamicKVCache (grows)"
+)
+ax.axhline(
+    (static.keys.nbytes + static.values.nbytes) / 2**20,
+    color="gray",
+    ls="--",
+    label=f"StaticKVCache ({static.capacity} positions)",
+)
+ax.set(
+    xlabel="positions in the cache",
+    ylabel="MiB",
+    title="KV cache memory during the decode above",
+)
 ax.legend()
 show_figure(fig)
 dynamic_bytes = sum(k.nbytes + v.nbytes for k, v in zip(cache.keys, cache.values))
-print(f"{per_token:,} bytes per token; the dynamic cache holds {dynamic_bytes:,} bytes for {cache.length} positions")
+print(
+    f"{per_token:,} bytes per token; the dynamic cache holds {dynamic_bytes:,} bytes for {cache.length} positions"
+)
 assert dynamic_bytes == per_token * cache.length

@@ -31,20 +31,41 @@
 # %%
 import pandas as pd
 import torch
-from helpers import DEVICE, DTYPE, agree_up_to_a_near_tie, hf_model, model_path, show_source, tokenizer, tolerance
 from transformers.utils import logging as hf_logging
 
 import minqwen
 from minqwen.model import positions_from_mask
 
+from helpers import (
+    DEVICE,
+    DTYPE,
+    agree_up_to_a_near_tie,
+    hf_model,
+    model_path,
+    show_source,
+    tokenizer,
+    tolerance,
+)
+
 hf_logging.disable_progress_bar()
 ours = minqwen.Qwen2.from_pretrained(model_path(), dtype=DTYPE, device=DEVICE)
 tok = tokenizer()
-questions = ["What is 7 times 8?", "Name a sorting algorithm that runs in O(n log n).", "用一个词形容大海。"]
-texts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False) for q in questions]
+questions = [
+    "What is 7 times 8?",
+    "Name a sorting algorithm that runs in O(n log n).",
+    "用一个词形容大海。",
+]
+texts = [
+    tok.apply_chat_template(
+        [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+    )
+    for q in questions
+]
 batch = tok(texts, return_tensors="pt", padding=True, padding_side="left").to(DEVICE)
 ids, mask = batch["input_ids"], batch["attention_mask"]
-print(f"batch {tuple(ids.shape)}; prompt lengths {mask.sum(1).tolist()}; pad id {tok.pad_token_id}")
+print(
+    f"batch {tuple(ids.shape)}; prompt lengths {mask.sum(1).tolist()}; pad id {tok.pad_token_id}"
+)
 
 # %% [markdown]
 # ## The mask and the positions
@@ -58,10 +79,19 @@ show_source(positions_from_mask)
 positions = positions_from_mask(mask)
 width = 8
 pd.DataFrame(
-    {f"row {r}": [f"{tok.decode([i]) if m else '<pad>'!r:14} mask {m}  pos {p}" for i, m, p in zip(ids[r, :width].tolist(), mask[r, :width].tolist(), positions[r, :width].tolist())]
-     for r in range(ids.shape[0])},
+    {
+        f"row {r}": [
+            f"{tok.decode([i]) if m else '<pad>'!r:14} mask {m}  pos {p}"
+            for i, m, p in zip(
+                ids[r, :width].tolist(),
+                mask[r, :width].tolist(),
+                positions[r, :width].tolist(),
+            )
+        ]
+        for r in range(ids.shape[0])
+    },
     index=[f"col {c}" for c in range(width)],
-)  # fmt: skip
+)
 
 # %%
 for r in range(ids.shape[0]):
@@ -86,10 +116,17 @@ show_source(minqwen.Qwen2.attention_mask)
 # %%
 with torch.inference_mode():
     batched_last = ours(ids, attention_mask=mask, logits_to_keep=1)[:, -1]
-    alone_last = torch.cat([ours(ids[r : r + 1, mask[r].bool()], logits_to_keep=1)[:, -1] for r in range(ids.shape[0])])
+    alone_last = torch.cat(
+        [
+            ours(ids[r : r + 1, mask[r].bool()], logits_to_keep=1)[:, -1]
+            for r in range(ids.shape[0])
+        ]
+    )
 scale = alone_last.abs().max().item()
 rel = ((batched_last - alone_last).abs().max().item()) / scale
-print(f"max relative difference, batched vs alone: {rel:.1e} (tolerance {tolerance('forward'):.0e})")
+print(
+    f"max relative difference, batched vs alone: {rel:.1e} (tolerance {tolerance('forward'):.0e})"
+)
 assert rel <= tolerance("forward")
 
 # %% [markdown]
@@ -106,6 +143,7 @@ assert rel <= tolerance("forward")
 # (`MINQWEN_DTYPE=bfloat16` with random weights, whose logits are nearly flat, shows it). The check accepts such a
 # split, and no other.
 
+
 # %%
 def new_tokens_of(row):
     """A row's new tokens up to its first end token: after it, a finished row holds only padding."""
@@ -120,20 +158,45 @@ rows = []
 for r, question in enumerate(questions):
     prompt = ids[r : r + 1, mask[r].bool()]
     alone = minqwen.generate(ours, prompt, new_tokens)[0, prompt.shape[1] :].tolist()
-    assert agree_up_to_a_near_tie(ours, prompt, new_tokens_of(batched[r]), alone), (question, batched[r], alone)
-    rows.append({"prompt": question, "tokens": len(alone), "batched = alone": new_tokens_of(batched[r]) == alone,
-                 "answer": tok.decode(alone, skip_special_tokens=True)})  # fmt: skip
+    assert agree_up_to_a_near_tie(ours, prompt, new_tokens_of(batched[r]), alone), (
+        question,
+        batched[r],
+        alone,
+    )
+    rows.append(
+        {
+            "prompt": question,
+            "tokens": len(alone),
+            "batched = alone": new_tokens_of(batched[r]) == alone,
+            "answer": tok.decode(alone, skip_special_tokens=True),
+        }
+    )
 pd.DataFrame(rows)
 
 # %%
 hf = hf_model()
 with torch.inference_mode():
-    reference = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False, repetition_penalty=1.0,
-                            temperature=None, top_k=None, top_p=None)  # fmt: skip
+    reference = hf.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        repetition_penalty=1.0,
+        temperature=None,
+        top_k=None,
+        top_p=None,
+    )
 same = [new_tokens_of(a) == new_tokens_of(b) for a, b in zip(batched, reference)]
 print("minqwen's rows equal HF generate()'s on the same batch:", same)
-assert all(agree_up_to_a_near_tie(ours, ids[r : r + 1, mask[r].bool()], new_tokens_of(batched[r]), new_tokens_of(reference[r]))
-           for r in range(len(questions)))  # fmt: skip
+assert all(
+    agree_up_to_a_near_tie(
+        ours,
+        ids[r : r + 1, mask[r].bool()],
+        new_tokens_of(batched[r]),
+        new_tokens_of(reference[r]),
+    )
+    for r in range(len(questions))
+)
 
 # %% [markdown]
 # ## Sampling in a batch
@@ -143,14 +206,22 @@ assert all(agree_up_to_a_near_tie(ours, ids[r : r + 1, mask[r].bool()], new_toke
 # here. It does equal HF's `generate()` on the same batch with the same seed.
 
 # %%
-settings = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)
-sampled = minqwen.generate(ours, ids, new_tokens, attention_mask=mask, seed=0, **settings)
+settings = dict(
+    do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05
+)
+sampled = minqwen.generate(
+    ours, ids, new_tokens, attention_mask=mask, seed=0, **settings
+)
 torch.manual_seed(0)
 with torch.inference_mode():
-    hf_sampled = hf.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, **settings)
+    hf_sampled = hf.generate(
+        ids, attention_mask=mask, max_new_tokens=new_tokens, **settings
+    )
 assert all(new_tokens_of(a) == new_tokens_of(b) for a, b in zip(sampled, hf_sampled))
 for r in range(ids.shape[0]):
-    print(f"row {r}: {tok.decode(sampled[r, ids.shape[1]:], skip_special_tokens=True)!r}")
+    print(
+        f"row {r}: {tok.decode(sampled[r, ids.shape[1] :], skip_special_tokens=True)!r}"
+    )
 
 # %% [markdown]
 # ## What the loop refuses
@@ -160,12 +231,21 @@ for r in range(ids.shape[0]):
 # context.
 
 # %%
-right_padded = tok(texts, return_tensors="pt", padding=True, padding_side="right").to(DEVICE)
+right_padded = tok(texts, return_tensors="pt", padding=True, padding_side="right").to(
+    DEVICE
+)
 bad_inputs = {
-    "right padding": lambda: minqwen.generate(ours, right_padded["input_ids"], 4, attention_mask=right_padded["attention_mask"]),
+    "right padding": lambda: minqwen.generate(
+        ours,
+        right_padded["input_ids"],
+        4,
+        attention_mask=right_padded["attention_mask"],
+    ),
     "mask shape": lambda: minqwen.generate(ours, ids, 4, attention_mask=mask[:, 1:]),
     "empty batch": lambda: minqwen.generate(ours, ids[:0], 4, attention_mask=mask[:0]),
-    "too long": lambda: minqwen.generate(ours, ids, ours.config.max_position_embeddings, attention_mask=mask),
+    "too long": lambda: minqwen.generate(
+        ours, ids, ours.config.max_position_embeddings, attention_mask=mask
+    ),
 }
 for name, call in bad_inputs.items():
     try:

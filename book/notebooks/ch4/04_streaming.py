@@ -27,12 +27,20 @@ import subprocess
 import sys
 
 import pandas as pd
-import torch
-from helpers import DEVICE, DTYPE, MODEL_SOURCE, is_book_model, model_path, show_source, tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import minqwen
 from minqwen.streaming import REPLACEMENT, Detokenizer, StopMatcher, stream
+
+from helpers import (
+    DEVICE,
+    DTYPE,
+    MODEL_SOURCE,
+    is_book_model,
+    model_path,
+    show_source,
+    tokenizer,
+)
 
 tok = tokenizer()
 
@@ -46,7 +54,10 @@ tok = tokenizer()
 text = "龘龘，你好🦜！🧑‍💻"
 ids = tok(text, add_special_tokens=False)["input_ids"]
 detokenizer = Detokenizer(tok)
-rows = [{"token id": i, "decoded alone": tok.decode([i]), "streamed": detokenizer.push(i)} for i in ids]
+rows = [
+    {"token id": i, "decoded alone": tok.decode([i]), "streamed": detokenizer.push(i)}
+    for i in ids
+]
 pd.DataFrame(rows)
 
 # %%
@@ -107,7 +118,11 @@ ours = minqwen.Qwen2.from_pretrained(model_path(), dtype=DTYPE, device=DEVICE)
 
 
 def chat_ids(question):
-    return tok.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True)["input_ids"]
+    return tok.apply_chat_template(
+        [{"role": "user", "content": question}],
+        add_generation_prompt=True,
+        tokenize=True,
+    )["input_ids"]
 
 
 answer = stream(ours, tok, chat_ids("用一句话介绍熊猫，并在结尾加一个表情符号。"), 40)
@@ -118,7 +133,11 @@ print("finish:", answer.finish_reason, "| tokens:", len(answer.token_ids))
 
 # %%
 # the pieces add up to the full decode: any U+FFFD shown is one the model's bytes really make (random weights do)
-assert "".join(pieces) == answer.text == tok.decode(answer.token_ids, skip_special_tokens=True)
+assert (
+    "".join(pieces)
+    == answer.text
+    == tok.decode(answer.token_ids, skip_special_tokens=True)
+)
 if is_book_model():
     assert REPLACEMENT not in answer.text
 assert answer.finish_reason in ("eos", "length")
@@ -128,10 +147,15 @@ assert answer.finish_reason in ("eos", "length")
 # generation ends with the token that completed it.
 
 # %%
-short = stream(ours, tok, chat_ids("用一句话介绍熊猫，并在结尾加一个表情符号。"), 40, stop="。")
+short = stream(
+    ours, tok, chat_ids("用一句话介绍熊猫，并在结尾加一个表情符号。"), 40, stop="。"
+)
 print(repr("".join(short)), short.finish_reason)
 if "。" in answer.text:
-    assert short.finish_reason == "stop" and short.text == answer.text[: answer.text.index("。")]
+    assert (
+        short.finish_reason == "stop"
+        and short.text == answer.text[: answer.text.index("。")]
+    )
 
 # %% [markdown]
 # And an answer short enough to end on its own. The model emits `<|im_end|>`, the stream stops there and does not
@@ -139,9 +163,17 @@ if "。" in answer.text:
 
 # %%
 brief = stream(ours, tok, chat_ids("Reply with just the word: yes"), 20)
-print(repr("".join(brief)), brief.finish_reason, brief.token_ids[-1], tok.convert_ids_to_tokens(brief.token_ids[-1]))
+print(
+    repr("".join(brief)),
+    brief.finish_reason,
+    brief.token_ids[-1],
+    tok.convert_ids_to_tokens(brief.token_ids[-1]),
+)
 if is_book_model():
-    assert brief.finish_reason == "eos" and brief.token_ids[-1] in ours.config.eos_token_ids
+    assert (
+        brief.finish_reason == "eos"
+        and brief.token_ids[-1] in ours.config.eos_token_ids
+    )
 
 # %% [markdown]
 # ## The command line
@@ -159,29 +191,64 @@ if is_book_model():
 #
 # Here it runs in a separate process, on Chinese.
 
+
 # %%
 def minqwen_cli(*args, stdin=None):
     command = [sys.executable, "-m", "minqwen", *args]
     env = dict(os.environ, PYTHONIOENCODING="utf-8")
-    return subprocess.run(command, input=stdin, capture_output=True, text=True, encoding="utf-8", env=env, timeout=600)
+    return subprocess.run(
+        command,
+        input=stdin,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        timeout=600,
+    )
 
 
-common = ["--model", MODEL_SOURCE, "--device", DEVICE, "--dtype", str(DTYPE).removeprefix("torch."), "--greedy"]
-result = minqwen_cli("generate", "把“我喜欢编程”翻译成英文，再用中文解释一下。", "--max-new-tokens", "24", *common)
+common = [
+    "--model",
+    MODEL_SOURCE,
+    "--device",
+    DEVICE,
+    "--dtype",
+    str(DTYPE).removeprefix("torch."),
+    "--greedy",
+]
+result = minqwen_cli(
+    "generate",
+    "把“我喜欢编程”翻译成英文，再用中文解释一下。",
+    "--max-new-tokens",
+    "24",
+    *common,
+)
 print(result.stdout)
 assert result.returncode == 0 and result.stderr == "", result.stderr
 if is_book_model():
-    assert REPLACEMENT not in result.stdout and any("\u4e00" <= ch <= "\u9fff" for ch in result.stdout)
+    assert REPLACEMENT not in result.stdout and any(
+        "\u4e00" <= ch <= "\u9fff" for ch in result.stdout
+    )
 
 # %% [markdown]
 # A chat from a pipe. Each line is a turn, and the second question relies on the first answer.
 
 # %%
-result = minqwen_cli("chat", "--max-new-tokens", "16", "--stop", "\n", *common, stdin="我叫小明。\n我叫什么名字？\n")
+result = minqwen_cli(
+    "chat",
+    "--max-new-tokens",
+    "16",
+    "--stop",
+    "\n",
+    *common,
+    stdin="我叫小明。\n我叫什么名字？\n",
+)
 print(result.stdout)
 assert result.returncode == 0 and result.stderr == "", result.stderr
 if is_book_model():
-    assert len(result.stdout.splitlines()) == 2 and "小明" in result.stdout.splitlines()[1]
+    assert (
+        len(result.stdout.splitlines()) == 2 and "小明" in result.stdout.splitlines()[1]
+    )
 
 # %% [markdown]
 # Bad input is one line on stderr and exit code 2, caught before the model loads.

@@ -36,11 +36,12 @@ import json
 import matplotlib.pyplot as plt
 import pandas as pd
 import torch
-from helpers import BENCH, show_source
 
 import minqwen
 from minqwen import bench
 from minqwen.fast import FastQwen2
+
+from helpers import BENCH, show_source
 
 runs = pd.DataFrame(
     json.loads(line)
@@ -49,7 +50,9 @@ runs = pd.DataFrame(
     for line in path.read_text().splitlines()
 )
 h100 = runs[runs.device == "NVIDIA H100 80GB HBM3"]
-print(f"{len(runs)} records from {runs.run_id.nunique()} runs; H100: {len(h100)} records, {h100.run_id.nunique()} runs")
+print(
+    f"{len(runs)} records from {runs.run_id.nunique()} runs; H100: {len(h100)} records, {h100.run_id.nunique()} runs"
+)
 
 # %% [markdown]
 # ## The method
@@ -79,8 +82,12 @@ show_source(bench.roofline)
 # %%
 TARGET_RUN = "20261126T070130Z"
 IMPLS = ["hf-eager", "hf-static-compile", "minqwen-eager", "minqwen-fast", "roofline"]
-batch1 = h100[(h100.run_id == TARGET_RUN) & (h100.batch_size == 1) & (h100.prompt_len == 128)]
-decode = batch1.pivot(index="model", columns="impl", values="decode_tok_s").loc[["0.5B", "7B"], IMPLS]
+batch1 = h100[
+    (h100.run_id == TARGET_RUN) & (h100.batch_size == 1) & (h100.prompt_len == 128)
+]
+decode = batch1.pivot(index="model", columns="impl", values="decode_tok_s").loc[
+    ["0.5B", "7B"], IMPLS
+]
 decode["fast / hf-static"] = decode["minqwen-fast"] / decode["hf-static-compile"]
 decode["fast / roofline"] = decode["minqwen-fast"] / decode["roofline"]
 decode.round(2)
@@ -103,13 +110,22 @@ assert decode.loc["7B", "fast / roofline"] >= 0.8
 # %%
 fraction = (
     h100[(h100.batch_size == 1) & (h100.prompt_len == 128) & (h100.impl != "roofline")]
-    .merge(h100[h100.impl == "roofline"][["run_id", "model", "batch_size", "prompt_len", "decode_tok_s"]],
-           on=["run_id", "model", "batch_size", "prompt_len"], suffixes=("", "_roofline"))  # fmt: skip
+    .merge(
+        h100[h100.impl == "roofline"][
+            ["run_id", "model", "batch_size", "prompt_len", "decode_tok_s"]
+        ],
+        on=["run_id", "model", "batch_size", "prompt_len"],
+        suffixes=("", "_roofline"),
+    )
     .assign(fraction=lambda d: d.decode_tok_s / d.decode_tok_s_roofline)
     .pivot(index="model", columns="impl", values="fraction")
     .loc[["0.5B", "1.5B", "7B"], IMPLS[:-1]]
 )
-ax = fraction.plot.bar(rot=0, ylabel="fraction of the bandwidth roofline", title="Batch-1 decode, H100, bf16")
+ax = fraction.plot.bar(
+    rot=0,
+    ylabel="fraction of the bandwidth roofline",
+    title="Batch-1 decode, H100, bf16",
+)
 ax.axhline(1.0, color="black", lw=0.8)
 ax.legend(fontsize=8)
 plt.show()
@@ -131,11 +147,28 @@ for ax, model in zip(axes, ["0.5B", "7B"]):
     cells = h100[h100.model == model]
     for impl, color in zip(IMPLS, ["C0", "C1", "C2", "C3", "black"]):
         for prompt, style in styles.items():
-            line = cells[(cells.impl == impl) & (cells.prompt_len == prompt)].drop_duplicates(["batch_size"], keep="last").sort_values("batch_size")  # fmt: skip
+            line = (
+                cells[(cells.impl == impl) & (cells.prompt_len == prompt)]
+                .drop_duplicates(["batch_size"], keep="last")
+                .sort_values("batch_size")
+            )
             if len(line):
-                ax.plot(line.batch_size, line.decode_tok_s, style, marker="o", ms=3, color=color,
-                        label=f"{impl} p{prompt}" if model == "7B" else None)  # fmt: skip
-    ax.set(xscale="log", yscale="log", xlabel="batch size", title=f"{model}, H100, bf16", xticks=[1, 4, 16, 64])
+                ax.plot(
+                    line.batch_size,
+                    line.decode_tok_s,
+                    style,
+                    marker="o",
+                    ms=3,
+                    color=color,
+                    label=f"{impl} p{prompt}" if model == "7B" else None,
+                )
+    ax.set(
+        xscale="log",
+        yscale="log",
+        xlabel="batch size",
+        title=f"{model}, H100, bf16",
+        xticks=[1, 4, 16, 64],
+    )
     ax.set_xticklabels(["1", "4", "16", "64"])
 axes[0].set_ylabel("decode tok/s")
 fig.legend(fontsize=7, loc="center right")
@@ -151,9 +184,9 @@ plt.show()
 # %%
 sweep = h100[(h100.model == "7B") & (h100.impl.isin(["minqwen-fast", "roofline"]))]
 sweep = sweep.drop_duplicates(["impl", "batch_size", "prompt_len"], keep="last")
-sweep.pivot_table(index=["prompt_len", "batch_size"], columns="impl", values="decode_tok_s").assign(
-    fraction=lambda d: d["minqwen-fast"] / d["roofline"]
-).round(2)
+sweep.pivot_table(
+    index=["prompt_len", "batch_size"], columns="impl", values="decode_tok_s"
+).assign(fraction=lambda d: d["minqwen-fast"] / d["roofline"]).round(2)
 
 # %% [markdown]
 # ## What the fast path does
@@ -193,10 +226,15 @@ show_source(minqwen.fast.linear)
 
 # %%
 agreement = pd.DataFrame(
-    json.loads(line) for line in (BENCH / "fast-agreement-nvidia-h100-80gb-hbm3-2026-11-26.jsonl").read_text().splitlines()
+    json.loads(line)
+    for line in (BENCH / "fast-agreement-nvidia-h100-80gb-hbm3-2026-11-26.jsonl")
+    .read_text()
+    .splitlines()
 )
 agreement["tokens that agree"] = agreement["same"].astype(str) + " / 32"
-agreement[["size", "dtype", "row", "tokens that agree", "gap", "gap_ulps"]].rename(columns={"gap_ulps": "gap in bf16 steps"})
+agreement[["size", "dtype", "row", "tokens that agree", "gap", "gap_ulps"]].rename(
+    columns={"gap_ulps": "gap in bf16 steps"}
+)
 
 # %% [markdown]
 # In float32 the GPU paths agree on every token; in bf16 they part only where the eager model's own logits put the
@@ -224,9 +262,19 @@ from transformers.utils import logging as hf_logging
 
 hf_logging.disable_progress_bar()
 torch.manual_seed(0)
-toy_config = Qwen2Config(vocab_size=8192, hidden_size=896, intermediate_size=4864, num_hidden_layers=2,
-                         num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True,
-                         max_position_embeddings=4096, rope_theta=1e6, eos_token_id=2, bos_token_id=1)  # fmt: skip
+toy_config = Qwen2Config(
+    vocab_size=8192,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_hidden_layers=2,
+    num_attention_heads=14,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+    max_position_embeddings=4096,
+    rope_theta=1e6,
+    eos_token_id=2,
+    bos_token_id=1,
+)
 toy_folder = Path(tempfile.mkdtemp()) / "toy-qwen2-2-layers"
 Qwen2ForCausalLM(toy_config).save_pretrained(toy_folder)
 
@@ -236,7 +284,11 @@ prompts = torch.randint(3, 8192, (2, 20), generator=torch.Generator().manual_see
 eager_tokens = minqwen.generate(toy, prompts, 24, eos_token_id=[])
 fast_tokens = FastQwen2(toy).generate(prompts, 24, eos_token_id=[])
 assert torch.equal(fast_tokens, eager_tokens)
-print("fast == eager on all", fast_tokens.shape[1] - prompts.shape[1], "new tokens of both rows")
+print(
+    "fast == eager on all",
+    fast_tokens.shape[1] - prompts.shape[1],
+    "new tokens of both rows",
+)
 
 # %% [markdown]
 # Then a bench run of the three implementations that run on a CPU, the same code the GPU runs went through. Its
@@ -245,11 +297,28 @@ print("fast == eager on all", fast_tokens.shape[1] - prompts.shape[1], "new toke
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-cells = bench.plan([str(toy_folder)], ["hf-eager", "minqwen-eager", "minqwen-fast"], [1], [32])
-cpu_run = pd.DataFrame(bench.run_bench(cells, new_tokens=12, repeats=5, device="cpu", dtype=torch.float32,
-                                       progress=False, log=lambda message: None))  # fmt: skip
-assert len(cpu_run) == 4 and (cpu_run.decode_tok_s > 0).all() and (cpu_run.prefill_tok_s > 0).all()
-cpu_run[["model", "impl", "batch_size", "prompt_len", "prefill_tok_s", "decode_tok_s"]].round(1)
+cells = bench.plan(
+    [str(toy_folder)], ["hf-eager", "minqwen-eager", "minqwen-fast"], [1], [32]
+)
+cpu_run = pd.DataFrame(
+    bench.run_bench(
+        cells,
+        new_tokens=12,
+        repeats=5,
+        device="cpu",
+        dtype=torch.float32,
+        progress=False,
+        log=lambda message: None,
+    )
+)
+assert (
+    len(cpu_run) == 4
+    and (cpu_run.decode_tok_s > 0).all()
+    and (cpu_run.prefill_tok_s > 0).all()
+)
+cpu_run[
+    ["model", "impl", "batch_size", "prompt_len", "prefill_tok_s", "decode_tok_s"]
+].round(1)
 
 # %% [markdown]
 # The committed CPU run used the embedded model (real weights, float32) on this book's 2-core build machine, shared
