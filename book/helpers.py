@@ -19,8 +19,10 @@ import textwrap
 import warnings
 from pathlib import Path
 
-# tqdm.auto (imported by transformers and huggingface_hub) warns on stderr when ipywidgets is absent. Text
-# progress bars are what we want, so import it once, quietly, before anything else can.
+# A page shows results, not progress: no progress bars (tqdm reads TQDM_DISABLE), and no warnings from the
+# libraries on stderr. tqdm.auto, imported by transformers and huggingface_hub, warns when ipywidgets is absent,
+# so it is imported once, quietly, before anything else can.
+os.environ.setdefault("TQDM_DISABLE", "1")
 with warnings.catch_warnings():
     warnings.simplefilter("ignore")
     import tqdm.auto  # noqa: F401
@@ -29,6 +31,7 @@ import matplotlib
 import pandas as pd
 import torch
 from IPython.display import Markdown, display
+from transformers.utils import logging as transformers_logging
 
 import minqwen
 
@@ -46,6 +49,9 @@ _dtype = os.environ.get("MINQWEN_DTYPE") or ("bfloat16" if DEVICE.startswith("cu
 if _dtype not in ("float32", "bfloat16"):
     raise ValueError(f"MINQWEN_DTYPE={_dtype!r}: use float32 or bfloat16")
 DTYPE = getattr(torch, _dtype)
+
+transformers_logging.set_verbosity_error()
+transformers_logging.disable_progress_bar()
 
 # Comparisons against HF must not silently drop to TF32 on a GPU.
 torch.backends.cuda.matmul.allow_tf32 = False

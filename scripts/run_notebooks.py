@@ -54,10 +54,10 @@ def run_one(notebook: Path) -> None:
 
 
 def environment() -> str:
+    import helpers
+
     import torch
     import transformers
-
-    import helpers
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return (

@@ -7,6 +7,8 @@ checkpoint's bytes are the weights of chapter 0's memory estimate.
 
 from __future__ import annotations
 
+import helpers
+
 import json
 import os
 import subprocess
@@ -29,8 +31,6 @@ from minqwen.hardware import memory_estimate
 from minqwen.model import hf_to_minqwen
 from minqwen.sizes import SIZES, parameter_count, qwen25_config, released_size
 from minqwen.weights import _hf_shapes
-
-import helpers
 
 GIB = 1 << 30
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,19 @@ import yaml
 
 BOOK = Path(__file__).resolve().parents[2] / "book"
 SITE = BOOK / "_build" / "html"
+CHROMIUM = os.environ.get("MINQWEN_CHROMIUM", "/usr/bin/chromium")
+# Without the background-networking flags Chromium phones home at start; offline that means refused connections.
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 30_000
 
 
 def toc_entries() -> list[tuple[str | None, str]]:

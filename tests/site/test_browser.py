@@ -6,64 +6,11 @@ every formula is typeset by the MathJax copy served with the site, and the sideb
 
 from __future__ import annotations
 
-import functools
-import http.server
-import os
-import threading
 from urllib.parse import urldefrag, urljoin, urlsplit
 
 import pytest
 
-from site_pages import built_site, toc_entries
-
-CHROMIUM = os.environ.get("MINQWEN_CHROMIUM", "/usr/bin/chromium")
-# Without the background-networking flags Chromium phones home at start; offline that means refused connections.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-TIMEOUT_MS = 30_000
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, format, *args):
-        pass
-
-
-@pytest.fixture(scope="module", params=["localhost", "disk"])
-def base_url(request):
-    """The site served on localhost, and opened from disk as the README tells readers to."""
-    site = built_site()
-    if request.param == "disk":
-        yield site.as_uri() + "/"
-        return
-    handler = functools.partial(_QuietHandler, directory=str(site))
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}/"
-    server.shutdown()
-    server.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    from playwright.sync_api import sync_playwright
-
-    if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(
-            f"no Chromium at {CHROMIUM}; `make site-check` installs Debian's chromium, or set CHROMIUM=/path"
-        )
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
+from site_pages import TIMEOUT_MS, toc_entries
 
 
 class PageVisit:

@@ -20,6 +20,8 @@
 
 # %%
 # NBVAL_IGNORE_OUTPUT
+from helpers import DEVICE, show_source, stamp
+
 import pandas as pd
 
 import minqwen
@@ -30,8 +32,6 @@ from minqwen.hardware import (
     recommend_size,
 )
 from minqwen.sizes import SIZES, parameter_count
-
-from helpers import DEVICE, show_source, stamp
 
 report = minqwen.hardware()
 GIB = 2**30

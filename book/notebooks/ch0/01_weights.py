@@ -28,6 +28,8 @@
 # The same call takes a hub id (`Qwen/Qwen2.5-7B-Instruct`), a local folder, or `random:<size>`.
 
 # %%
+from helpers import MODEL_SOURCE, is_book_model, show_source
+
 import json
 import struct
 
@@ -35,8 +37,6 @@ import pandas as pd
 
 import minqwen
 from minqwen import weights
-
-from helpers import MODEL_SOURCE, is_book_model, show_source
 
 show_source(minqwen.fetch)
 

@@ -20,13 +20,6 @@
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-import json
-
-import pandas as pd
-import torch
-from transformers import pipeline
-from transformers.pipelines.text_generation import TextGenerationPipeline
-
 from helpers import (
     GOLDEN,
     MODEL_SOURCE,
@@ -38,6 +31,13 @@ from helpers import (
     tokenizer,
     weights_id,
 )
+
+import json
+
+import pandas as pd
+import torch
+from transformers import pipeline
+from transformers.pipelines.text_generation import TextGenerationPipeline
 
 model, tok = hf_model(), tokenizer()
 generator = pipeline("text-generation", model=model, tokenizer=tok)

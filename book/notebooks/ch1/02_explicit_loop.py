@@ -21,12 +21,6 @@
 
 # %%
 # NBVAL_IGNORE_OUTPUT
-import time
-
-import pandas as pd
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from helpers import (
     DEVICE,
     DTYPE,
@@ -36,6 +30,12 @@ from helpers import (
     model_path,
     stamp,
 )
+
+import time
+
+import pandas as pd
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 tokenizer = AutoTokenizer.from_pretrained(model_path())
 model = (

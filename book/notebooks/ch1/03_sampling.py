@@ -23,6 +23,16 @@
 # %%
 # NBVAL_IGNORE_OUTPUT
 # %matplotlib inline
+from helpers import (
+    DEVICE,
+    golden_applies,
+    hf_model,
+    load_golden,
+    show_source,
+    stamp,
+    tokenizer,
+)
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -46,16 +56,6 @@ from minqwen.sampling import (
     select_next_token,
     top_k_filter,
     top_p_filter,
-)
-
-from helpers import (
-    DEVICE,
-    golden_applies,
-    hf_model,
-    load_golden,
-    show_source,
-    stamp,
-    tokenizer,
 )
 
 # generate() warns when it is handed sampling settings with do_sample=False. The comparisons below pass every

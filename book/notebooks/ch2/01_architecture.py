@@ -24,6 +24,8 @@
 
 # %%
 # %matplotlib inline
+from helpers import is_book_model, model_path, show_source
+
 import json
 from collections import Counter
 
@@ -37,8 +39,6 @@ from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
 import minqwen
 from minqwen.config import ModelConfig
 from minqwen.sizes import SIZES, parameter_count, qwen25_config, released_size
-
-from helpers import is_book_model, model_path, show_source
 
 hf_config = AutoConfig.from_pretrained(model_path())
 with torch.device("meta"):

@@ -23,6 +23,8 @@
 
 # %%
 # %matplotlib inline
+from helpers import is_book_model, model_path, show_source
+
 import re
 import tempfile
 from pathlib import Path
@@ -38,8 +40,6 @@ from transformers.utils import logging as hf_logging
 import minqwen
 from minqwen.config import ModelConfig
 from minqwen.model import hf_to_minqwen, minqwen_to_hf
-
-from helpers import is_book_model, model_path, show_source
 
 hf_logging.disable_progress_bar()  # its bars go to stderr, which nbval compares
 config = ModelConfig.from_file(model_path())

@@ -26,6 +26,16 @@
 
 # %%
 # %matplotlib inline
+from helpers import (
+    DEVICE,
+    DTYPE,
+    hf_model,
+    model_path,
+    show_source,
+    tokenizer,
+    tolerance,
+)
+
 import json
 import tempfile
 from pathlib import Path
@@ -38,16 +48,6 @@ from transformers.utils import logging as hf_logging
 
 import minqwen
 from minqwen import probe
-
-from helpers import (
-    DEVICE,
-    DTYPE,
-    hf_model,
-    model_path,
-    show_source,
-    tokenizer,
-    tolerance,
-)
 
 hf_logging.disable_progress_bar()  # its bars go to stderr, which nbval compares
 torch.manual_seed(0)

@@ -25,6 +25,8 @@
 # function; and a from-scratch encoder that gives exactly HF's ids on 5,000 varied strings.
 
 # %%
+from helpers import model_path, show_source, tokenizer
+
 import inspect
 import json
 import time
@@ -39,8 +41,6 @@ from minqwen.tokenizer import (
     render_chat,
     sample_corpus,
 )
-
-from helpers import model_path, show_source, tokenizer
 
 path = model_path()
 hf = tokenizer()

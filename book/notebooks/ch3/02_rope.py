@@ -25,6 +25,8 @@
 
 # %%
 # %matplotlib inline
+from helpers import diff_table, model_path, show_source, table
+
 import copy
 import json
 import math
@@ -49,8 +51,6 @@ from minqwen.rope import (
     rotate_half,
     yarn_inv_freq,
 )
-
-from helpers import diff_table, model_path, show_source, table
 
 hf_logging.disable_progress_bar()
 torch.manual_seed(0)

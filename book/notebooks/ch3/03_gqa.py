@@ -25,6 +25,18 @@
 
 # %%
 # %matplotlib inline
+from helpers import (
+    DEVICE,
+    DTYPE,
+    diff_stats,
+    diff_table,
+    model_path,
+    show_source,
+    table,
+    tokenizer,
+    tolerance,
+)
+
 import math
 
 import matplotlib.pyplot as plt
@@ -40,18 +52,6 @@ from transformers.utils import logging as hf_logging
 import minqwen
 from minqwen.layers import Attention
 from minqwen.rope import apply_rope, rope_cos_sin
-
-from helpers import (
-    DEVICE,
-    DTYPE,
-    diff_stats,
-    diff_table,
-    model_path,
-    show_source,
-    table,
-    tokenizer,
-    tolerance,
-)
 
 hf_logging.disable_progress_bar()
 torch.manual_seed(0)

@@ -26,16 +26,6 @@
 
 # %%
 # %matplotlib inline
-import matplotlib.pyplot as plt
-import pandas as pd
-import torch
-import torch.nn.functional as F
-from transformers import AutoModelForCausalLM
-from transformers.utils import logging as hf_logging
-
-from minqwen.config import ModelConfig
-from minqwen.layers import MLP
-
 from helpers import (
     DEVICE,
     DTYPE,
@@ -46,6 +36,16 @@ from helpers import (
     tokenizer,
     tolerance,
 )
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+from minqwen.config import ModelConfig
+from minqwen.layers import MLP
 
 hf_logging.disable_progress_bar()
 torch.manual_seed(0)

@@ -23,6 +23,18 @@
 
 # %%
 # %matplotlib inline
+from helpers import (
+    DEVICE,
+    DTYPE,
+    diff_stats,
+    golden_applies,
+    load_golden,
+    model_path,
+    show_source,
+    tokenizer,
+    tolerance,
+)
+
 import ast
 import gc
 import inspect
@@ -37,18 +49,6 @@ import minqwen
 from minqwen import config, layers, model, rope
 from minqwen.model import positions_from_mask
 from minqwen.probe import compare_layers, format_table, rows_as_dicts
-
-from helpers import (
-    DEVICE,
-    DTYPE,
-    diff_stats,
-    golden_applies,
-    load_golden,
-    model_path,
-    show_source,
-    tokenizer,
-    tolerance,
-)
 
 hf_logging.disable_progress_bar()
 torch.manual_seed(0)

@@ -23,14 +23,6 @@
 # This notebook looks at transformers' own cache (the 5.x object), before chapter 4.2 builds one.
 
 # %%
-import matplotlib.pyplot as plt
-import pandas as pd
-import torch
-from transformers.utils import logging as hf_logging
-
-from minqwen.hardware import kv_cache_bytes_per_token, memory_estimate
-from minqwen.sizes import SIZES, qwen25_config
-
 from helpers import (
     DEVICE,
     DTYPE,
@@ -41,6 +33,14 @@ from helpers import (
     tokenizer,
     tolerance,
 )
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from transformers.utils import logging as hf_logging
+
+from minqwen.hardware import kv_cache_bytes_per_token, memory_estimate
+from minqwen.sizes import SIZES, qwen25_config
 
 hf_logging.disable_progress_bar()
 model, tok = hf_model(), tokenizer()

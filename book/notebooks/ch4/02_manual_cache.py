@@ -22,16 +22,6 @@
 # references and HF's `generate()`.
 
 # %%
-import time
-
-import matplotlib.pyplot as plt
-import pandas as pd
-import torch
-from transformers.utils import logging as hf_logging
-
-import minqwen
-from minqwen import DynamicKVCache, StaticKVCache
-
 from helpers import (
     DEVICE,
     DTYPE,
@@ -47,6 +37,16 @@ from helpers import (
     tokenizer,
     tolerance,
 )
+
+import time
+
+import matplotlib.pyplot as plt
+import pandas as pd
+import torch
+from transformers.utils import logging as hf_logging
+
+import minqwen
+from minqwen import DynamicKVCache, StaticKVCache
 
 hf_logging.disable_progress_bar()
 ours = minqwen.Qwen2.from_pretrained(model_path(), dtype=DTYPE, device=DEVICE)

@@ -29,13 +29,6 @@
 #   however much padding precedes it, because RoPE encodes absolute positions.
 
 # %%
-import pandas as pd
-import torch
-from transformers.utils import logging as hf_logging
-
-import minqwen
-from minqwen.model import positions_from_mask
-
 from helpers import (
     DEVICE,
     DTYPE,
@@ -46,6 +39,13 @@ from helpers import (
     tokenizer,
     tolerance,
 )
+
+import pandas as pd
+import torch
+from transformers.utils import logging as hf_logging
+
+import minqwen
+from minqwen.model import positions_from_mask
 
 hf_logging.disable_progress_bar()
 ours = minqwen.Qwen2.from_pretrained(model_path(), dtype=DTYPE, device=DEVICE)

@@ -22,16 +22,6 @@
 # printed.
 
 # %%
-import os
-import subprocess
-import sys
-
-import pandas as pd
-from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-import minqwen
-from minqwen.streaming import REPLACEMENT, Detokenizer, StopMatcher, stream
-
 from helpers import (
     DEVICE,
     DTYPE,
@@ -41,6 +31,16 @@ from helpers import (
     show_source,
     tokenizer,
 )
+
+import os
+import subprocess
+import sys
+
+import pandas as pd
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+import minqwen
+from minqwen.streaming import REPLACEMENT, Detokenizer, StopMatcher, stream
 
 tok = tokenizer()
 

@@ -31,6 +31,8 @@
 
 # %%
 # %matplotlib inline
+from helpers import BENCH, show_source
+
 import json
 
 import matplotlib.pyplot as plt
@@ -40,8 +42,6 @@ import torch
 import minqwen
 from minqwen import bench
 from minqwen.fast import FastQwen2
-
-from helpers import BENCH, show_source
 
 runs = pd.DataFrame(
     json.loads(line)
