@@ -2,19 +2,12 @@
 
 from .cache import DynamicKVCache, StaticKVCache
 from .config import ConfigError, ModelConfig
+from .fast import FastQwen2
 from .generate import generate, generate_tokens
-from .hardware import hardware, memory_estimate, recommend_size
 from .model import LoadError, Qwen2
-from .sampling import (
-    SamplingConfig,
-    apply_repetition_penalty,
-    apply_temperature,
-    min_p_filter,
-    process_logits,
-    select_next_token,
-    top_k_filter,
-    top_p_filter,
-)
+from .request import NumericalError
+from .sampling import SamplingConfig
+from .streaming import stream
 from .tokenizer import BPETokenizer, render_chat
 from .weights import FetchError, fetch
 
@@ -22,24 +15,17 @@ __all__ = [
     "BPETokenizer",
     "ConfigError",
     "DynamicKVCache",
+    "FastQwen2",
     "FetchError",
     "LoadError",
     "ModelConfig",
+    "NumericalError",
     "Qwen2",
     "SamplingConfig",
     "StaticKVCache",
-    "apply_repetition_penalty",
-    "apply_temperature",
     "fetch",
     "generate",
     "generate_tokens",
-    "hardware",
-    "memory_estimate",
-    "min_p_filter",
-    "process_logits",
-    "recommend_size",
     "render_chat",
-    "select_next_token",
-    "top_k_filter",
-    "top_p_filter",
+    "stream",
 ]

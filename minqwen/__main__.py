@@ -1,35 +1,50 @@
-"""Command line: `python -m minqwen {fetch,info,generate,chat,bench}`."""
+"""Command line: `python -m minqwen {fetch,info,generate,chat,bench}`.
+
+Every error is one line on stderr and exit code 2, raised before the model loads wherever the arguments alone
+show it. Ctrl-C exits with 130 at any moment, and a closed pipe (`... | head`) ends the run quietly. The heavy
+modules (torch, the model) are imported inside `main`, so that even an interrupt during `import torch` is handled.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-
-from . import bench
-from .config import ConfigError
-from .hardware import HEADROOM, hardware, memory_estimate, recommend_size
-from .sizes import SIZES
-from .weights import FetchError, fetch
+import tempfile
+import time
+from pathlib import Path
 
 GIB = 1 << 30
 DTYPES = ("float32", "bfloat16", "float16")
+ENGINES = ("fast", "eager")
+EXIT_USAGE, EXIT_INTERRUPTED, EXIT_BROKEN_PIPE = 2, 130, 141
+SAMPLING_ONLY = (
+    "temperature",
+    "top_k",
+    "top_p",
+)  # meaningless without sampling, unlike the penalty
 
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line on stderr (exit code 2), like every other error here."""
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
 
 def _fetch(args) -> int:
+    from .weights import fetch
+
     print(fetch(args.source))
     return 0
 
 
 def _info(args) -> int:
-    report = hardware()
+    from .hardware import HEADROOM, hardware_report, memory_estimate, recommend_size
+    from .sizes import SIZES
+
+    report = hardware_report()
     for key, value in report.to_dict().items():
         if key.endswith("_bytes") and value is not None:
             value = f"{value / GIB:.1f} GiB"
@@ -51,112 +66,123 @@ def _info(args) -> int:
 
 # --- generate and chat ---------------------------------------------------------------------------------------
 
-_SAMPLING_ONLY = (
-    "temperature",
-    "top_k",
-    "top_p",
-)  # meaningless without sampling, unlike the penalty
-_SAMPLING_FLAGS = (*_SAMPLING_ONLY, "repetition_penalty")
+
+def _settings(args) -> dict:
+    """The sampling settings the flags pass; each one left out comes from the checkpoint, as in transformers."""
+    from .sampling import SamplingConfig
+
+    sampling_flags = [
+        f"--{f.replace('_', '-')}" for f in SAMPLING_ONLY if getattr(args, f) is not None
+    ]
+    if args.greedy and sampling_flags:
+        raise ValueError(
+            f"--greedy turns sampling off, so {', '.join(sampling_flags)} would be ignored; drop one or the other"
+        )
+    settings = {
+        f: getattr(args, f)
+        for f in (*SAMPLING_ONLY, "repetition_penalty")
+        if getattr(args, f) is not None
+    }
+    if args.greedy:
+        settings["do_sample"] = False
+    elif sampling_flags:
+        settings["do_sample"] = (
+            True  # asking for a temperature, top-k or top-p means asking to sample
+        )
+    SamplingConfig.resolve({}, **settings)  # the values alone, checked before anything loads
+    return settings
 
 
 class Session:
-    """A loaded model, its tokenizer and the generation settings: the checkpoint's defaults, then the flags."""
+    """A loaded model and engine, its tokenizer, and the settings of every reply."""
 
     def __init__(self, args):
-        import torch
-
-        from .sampling import SamplingConfig
-
-        sampling_flags = [
-            f"--{f.replace('_', '-')}" for f in _SAMPLING_ONLY if getattr(args, f) is not None
-        ]
-        if args.greedy and sampling_flags:
-            raise ValueError(
-                f"--greedy turns sampling off, so {', '.join(sampling_flags)} would be ignored; drop one or the other"
-            )
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-        if args.device.startswith("cuda") and not torch.cuda.is_available():
-            raise ValueError(
-                f"--device {args.device}: torch sees no CUDA GPU on this machine; pass --device cpu"
-            )
-        # Check the flags alone first, so a bad value fails before the model loads.
-        SamplingConfig(
-            **{f: getattr(args, f) for f in _SAMPLING_FLAGS if getattr(args, f) is not None}
-        )
+        self.settings = _settings(args)
+        from .hardware import check_device
 
-        # fetch verified the checkpoint when it wrote it; hashing gigabytes again on every prompt is not worth it.
-        folder = fetch(args.model, verify=False)
-        defaults = _generation_defaults(folder)
-        settings = {f: defaults[f] for f in _SAMPLING_FLAGS if defaults.get(f) is not None}
-        settings.update(
-            {f: getattr(args, f) for f in _SAMPLING_FLAGS if getattr(args, f) is not None}
-        )
-        settings["do_sample"] = not args.greedy and bool(defaults.get("do_sample", False))
-        if sampling_flags:
-            settings["do_sample"] = (
-                True  # asking for a temperature, top-k or top-p means asking to sample
-            )
-        self.sampling = vars(SamplingConfig(**settings))
-        self.max_new_tokens = args.max_new_tokens
-        self.stop = args.stop
+        device = check_device(args.device)
+        engine = args.engine or ("fast" if device.type == "cuda" else "eager")
+        import torch
 
-        from transformers import AutoTokenizer
-        from transformers.utils import logging as hf_logging
-
+        from .fast import FastQwen2
         from .model import Qwen2
+        from .sampling import SamplingConfig
+        from .tokenizer import BPETokenizer
+        from .weights import fetch
 
-        hf_logging.set_verbosity_error()
-        self.tokenizer = AutoTokenizer.from_pretrained(folder)
-        self.model = Qwen2.from_pretrained(
-            folder, dtype=getattr(torch, args.dtype), device=args.device
-        )
+        folder = fetch(args.model)
+        self.tokenizer = BPETokenizer.from_file(folder)
+        model = Qwen2.from_pretrained(folder, dtype=getattr(torch, args.dtype), device=device)
+        SamplingConfig.resolve(model.config.sampling_defaults, **self.settings)
+        self.engine = FastQwen2(model) if engine == "fast" else model
+        self.max_new_tokens, self.stop, self.stats = args.max_new_tokens, args.stop, args.stats
 
     def encode(self, messages: list[dict] | str) -> list[int]:
-        """Chat messages through the checkpoint's chat template, or raw text as it is."""
-        if isinstance(messages, str):
-            return self.tokenizer(messages, add_special_tokens=False)["input_ids"]
-        if not self.tokenizer.chat_template:
-            raise ValueError(
-                "this checkpoint's tokenizer has no chat template; use `generate --raw`"
-            )
-        encoded = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True
+        """Chat messages through the ChatML template, or raw text as it is."""
+        from .tokenizer import render_chat
+
+        text = (
+            messages
+            if isinstance(messages, str)
+            else render_chat(messages, add_generation_prompt=True)
         )
-        return list(encoded["input_ids"])
+        return self.tokenizer.encode(text)
 
     def reply(self, ids: list[int], seed: int | None) -> str:
         """Stream the continuation of `ids` to stdout and return its text."""
         from .streaming import stream
 
+        started = time.perf_counter()
         pieces = stream(
-            self.model,
+            self.engine,
             self.tokenizer,
             ids,
             self.max_new_tokens,
             stop=self.stop,
             seed=seed,
-            **self.sampling,
+            **self.settings,
         )
         for piece in pieces:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
+        if self.stats:
+            print(_speed(len(ids), pieces, started), file=sys.stderr)
         return pieces.text
 
 
-def _generation_defaults(folder) -> dict:
-    path = folder / "generation_config.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _speed(prompt_tokens: int, pieces, started: float) -> str:
+    """Prefill and decode tok/s of one reply, from the arrival times of its tokens."""
+    first, last = pieces.token_times[0], pieces.token_times[-1]
+    new = len(pieces.token_times)
+    decode = f"{(new - 1) / (last - first):,.1f} tok/s" if new > 1 and last > first else "n/a"
+    return (
+        f"[{prompt_tokens} prompt tokens: prefill {prompt_tokens / (first - started):,.0f} tok/s; "
+        f"{new} new tokens: decode {decode}]"
+    )
 
 
 def _messages(system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}] if system is not None else []
 
 
+def _utf8(text: str, what: str) -> str:
+    """`text` as given on the command line; undecodable bytes reach Python as surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{what} is not valid UTF-8 text; pass UTF-8 (check the terminal's locale)"
+        ) from None
+    return text
+
+
 def _generate(args) -> int:
-    if not args.prompt:
+    prompt = _utf8(args.prompt, "the prompt")
+    if not prompt:
         raise ValueError(
             'the prompt is empty; pass the text to continue, e.g. generate "Write a haiku"'
         )
@@ -165,39 +191,101 @@ def _generate(args) -> int:
             "--system needs the chat template, which --raw turns off; drop one or the other"
         )
     session = Session(args)
-    user = [{"role": "user", "content": args.prompt}]
-    ids = session.encode(args.prompt if args.raw else _messages(args.system) + user)
+    user = [{"role": "user", "content": prompt}]
+    ids = session.encode(prompt if args.raw else _messages(args.system) + user)
     session.reply(ids, args.seed)
     return 0
 
 
 def _chat(args) -> int:
+    """One message a line. A bad line or a failed reply prints one error line; the conversation goes on."""
+    messages = _load_conversation(args.load) if args.load else _messages(args.system)
     session = Session(args)
     interactive = sys.stdin.isatty()
     if interactive:
-        print("chat with the model; /reset starts over, /exit or Ctrl-D quits", file=sys.stderr)
-    messages = _messages(args.system)
+        print(
+            "chat with the model; /reset starts over, /save FILE keeps the conversation, /exit quits",
+            file=sys.stderr,
+        )
     turn = 0
     while True:
         if interactive:
             sys.stderr.write("> ")
             sys.stderr.flush()
-        line = sys.stdin.readline()
-        if not line or line.strip() == "/exit":
+        raw = sys.stdin.buffer.readline()
+        if not raw:
             return 0
-        text = line.strip()
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            _error(
+                "that line is not valid UTF-8 text and was skipped; the conversation is unchanged"
+            )
+            continue
         if not text:
             continue
+        if text == "/exit":
+            return 0
         if text == "/reset":
             messages = _messages(args.system)
             continue
-        messages.append({"role": "user", "content": text})
+        if text == "/save" or text.startswith("/save "):
+            _save_conversation(text.removeprefix("/save").strip(), messages)
+            continue
         # A seeded chat is reproducible as a whole, while each turn still draws differently.
         seed = None if args.seed is None else args.seed + turn
-        messages.append(
-            {"role": "assistant", "content": session.reply(session.encode(messages), seed)}
-        )
+        try:
+            reply = session.reply(
+                session.encode([*messages, {"role": "user", "content": text}]), seed
+            )
+        except ValueError as error:
+            _error(f"{error}; the message was not added (/reset starts a shorter conversation)")
+            continue
+        except RuntimeError as error:
+            _error(f"{error}; the message was not added")
+            continue
+        messages += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
         turn += 1
+
+
+def _save_conversation(name: str, messages: list[dict]) -> None:
+    """Write the conversation as JSON, atomically: a failed save leaves no half-written file."""
+    if not name:
+        _error("/save needs a file name, e.g. /save chat.json")
+        return
+    path = Path(name).expanduser()
+    try:
+        with tempfile.NamedTemporaryFile(
+            "w", dir=path.parent, prefix=f".{path.name}.", delete=False
+        ) as f:
+            json.dump({"messages": messages}, f, ensure_ascii=False, indent=1)
+        os.replace(f.name, path)
+    except OSError as error:
+        if "f" in locals():
+            Path(f.name).unlink(missing_ok=True)
+        _error(
+            f"could not save to {path}: {error.strerror or error}; the conversation is unchanged"
+        )
+        return
+    print(f"saved {len(messages)} messages to {path}", file=sys.stderr)
+
+
+def _load_conversation(name: str) -> list[dict]:
+    from .tokenizer import render_chat
+
+    path = Path(name).expanduser()
+    try:
+        messages = json.loads(path.read_text(encoding="utf-8"))["messages"]
+        render_chat(messages)  # checks every role and content
+    except OSError as error:
+        raise ValueError(f"--load {path}: {error.strerror or error}") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"--load {path} is not a conversation saved by /save ({error})") from None
+    return messages
+
+
+def _error(message: str) -> None:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
@@ -206,6 +294,11 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument(
+        "--engine",
+        choices=ENGINES,
+        help="fast: FastQwen2, CUDA graphs on a GPU (default on cuda); eager: the plain loop (default on cpu)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument(
         "--greedy", action="store_true", help="always pick the most likely token (no sampling)"
@@ -223,10 +316,15 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, help="seed for sampling, for output that repeats")
     p.add_argument("--system", help="system message (default: the chat template's own)")
     p.add_argument("--stop", action="append", help="stop string, not printed (repeat for several)")
+    p.add_argument(
+        "--stats", action="store_true", help="print prefill and decode tok/s after each reply"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = Parser(prog="python -m minqwen", description=__doc__)
+    from . import bench
+
+    parser = Parser(prog="python -m minqwen", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
     p = commands.add_parser("fetch", help="fetch and verify a checkpoint, print its folder")
     p.add_argument(
@@ -251,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
         "chat", help="multi-turn chat on stdin (interactive or piped, one message a line)"
     )
     _add_generation_options(p)
+    p.add_argument("--load", help="continue a conversation saved with /save FILE")
     p.set_defaults(run=_chat)
     p = commands.add_parser(
         "bench", help="prefill and decode tok/s of each implementation, beside the roofline"
@@ -261,16 +360,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return args.run(args)
-    except (FetchError, ConfigError, ValueError, OSError) as error:
-        message = " ".join(str(error).split())
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+        from .config import ConfigError
+        from .request import NumericalError
+        from .weights import FetchError
+
+        args = build_parser().parse_args(argv)
+        try:
+            return args.run(args)
+        except (FetchError, ConfigError, NumericalError, ValueError, OSError) as error:
+            if isinstance(error, BrokenPipeError):
+                raise
+            _error(str(error))
+            return EXIT_USAGE
     except KeyboardInterrupt:
         print(file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, and keep Python from complaining at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -32,8 +32,16 @@ from pathlib import Path
 import torch
 
 from .config import ModelConfig
+from .hf_adapter import config_of
 from .model import Qwen2, hf_to_minqwen
-from .sizes import SIZES, qwen25_config
+from .sizes import (
+    DTYPE_BYTES,
+    SIZES,
+    kv_cache_bytes_per_token,
+    prefill_flops,
+    qwen25_config,
+    weight_bytes_per_step,
+)
 
 IMPLS = ("hf-eager", "hf-static-compile", "minqwen-eager", "minqwen-fast")
 KEYS = (
@@ -51,8 +59,6 @@ KEYS = (
     "transformers",
     "commit",
 )
-BENCH_DIR = Path(__file__).resolve().parents[1] / "book" / "data" / "bench"
-DTYPE_BYTES = {torch.float32: 4, torch.bfloat16: 2, torch.float16: 2}
 
 
 @dataclass(frozen=True)
@@ -102,7 +108,7 @@ def load_hf(model: str, device, dtype, seed: int = 0):
 
 def minqwen_from_hf(hf) -> Qwen2:
     """A minqwen `Qwen2` holding the very tensors of a loaded HF model (no copy), so either can be dropped."""
-    config = ModelConfig.from_dict(hf.config.to_dict(), source="the HF model's config")
+    config = config_of(hf)
     with torch.device("meta"):
         model = Qwen2(config)
     state = {hf_to_minqwen(name): tensor for name, tensor in hf.state_dict().items()}
@@ -139,11 +145,13 @@ def _hf_generate(hf, static: bool):
 def _minqwen_eager(model):
     from .generate import generate
 
-    return lambda ids, new_tokens: generate(model, ids, new_tokens, eos_token_id=[])
+    return lambda ids, new_tokens: generate(
+        model, ids, new_tokens, do_sample=False, eos_token_id=[]
+    )
 
 
 def _minqwen_fast(fast):
-    return lambda ids, new_tokens: fast.generate(ids, new_tokens, eos_token_id=[])
+    return lambda ids, new_tokens: fast.generate(ids, new_tokens, do_sample=False, eos_token_id=[])
 
 
 # --- timing ------------------------------------------------------------------------------------------------
@@ -205,58 +213,20 @@ def measure(run, ids: torch.Tensor, new_tokens: int, *, repeats: int = 5, warmup
 # --- the roofline ------------------------------------------------------------------------------------------
 
 
-def weight_bytes_per_step(config: ModelConfig, dtype_bytes: int) -> int:
-    """Bytes of weights one forward pass reads: every layer, the final norm and the head (the embedding table
-    only as a tied head; looking up a few rows of it costs nothing)."""
-    hidden, inter, head_dim = config.hidden_size, config.intermediate_size, config.head_dim
-    qkv_out = (config.num_attention_heads + 2 * config.num_key_value_heads) * head_dim
-    layer = (
-        hidden * qkv_out
-        + qkv_out
-        + config.num_attention_heads * head_dim * hidden
-        + 3 * hidden * inter
-        + 2 * hidden
-    )
-    return (config.num_hidden_layers * layer + hidden + config.vocab_size * hidden) * dtype_bytes
-
-
-def kv_bytes_per_token(config: ModelConfig, dtype_bytes: int) -> int:
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * dtype_bytes
-
-
-def prefill_flops(config: ModelConfig, batch: int, prompt: int) -> int:
-    """Matrix-product FLOPs of a prefill: the projections for every token, causal attention, the head once a row."""
-    matmul_params = weight_bytes_per_step(config, 1) - config.vocab_size * config.hidden_size
-    attention = (
-        2
-        * 2
-        * config.num_hidden_layers
-        * config.num_attention_heads
-        * config.head_dim
-        * prompt
-        * (prompt + 1)
-        // 2
-    )
-    return batch * (
-        2 * prompt * matmul_params + attention + 2 * config.vocab_size * config.hidden_size
-    )
-
-
 def roofline(
     config: ModelConfig,
     batch: int,
     prompt: int,
     new_tokens: int,
-    dtype_bytes: int,
+    dtype: str,
     copy_bytes_per_s: float,
     matmul_flops_per_s: float,
 ) -> dict:
-    """The fastest prefill and decode the two measured rates allow for one cell."""
-    weights = weight_bytes_per_step(config, dtype_bytes)
+    """The fastest prefill and decode the two measured rates allow for one cell, in `dtype` ("bfloat16")."""
+    weights = weight_bytes_per_step(config, dtype)
     mean_context = prompt + new_tokens / 2
-    decode_step_s = (
-        weights + batch * mean_context * kv_bytes_per_token(config, dtype_bytes)
-    ) / copy_bytes_per_s
+    cache = batch * mean_context * kv_cache_bytes_per_token(config, dtype)
+    decode_step_s = (weights + cache) / copy_bytes_per_s
     prefill_s = max(
         prefill_flops(config, batch, prompt) / matmul_flops_per_s, weights / copy_bytes_per_s
     )
@@ -312,19 +282,19 @@ def device_label(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from .hardware import hardware
+    from .hardware import hardware_report
 
-    return hardware().cpu
+    return hardware_report().cpu
 
 
 def slug(text: str) -> str:
     return "-".join("".join(ch if ch.isalnum() else " " for ch in text.lower()).split())
 
 
-def default_output(device) -> Path:
-    """book/data/bench/<device>-<date>.jsonl, the date in UTC."""
+def default_output(folder: Path, device) -> Path:
+    """<folder>/<device>-<date>.jsonl, the date in UTC."""
     name = slug(device_label(device)) if torch.device(device).type == "cuda" else "cpu"
-    return BENCH_DIR / f"{name}-{datetime.now(timezone.utc):%Y-%m-%d}.jsonl"
+    return folder / f"{name}-{datetime.now(timezone.utc):%Y-%m-%d}.jsonl"
 
 
 def current_commit() -> str:
@@ -381,8 +351,9 @@ def run_bench(
         raise ValueError(
             "hf-static-compile compiles only on a GPU (transformers skips compilation on a CPU); drop it from the impls"
         )
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"dtype must be one of {', '.join(map(str, DTYPE_BYTES))}, got {dtype}")
+    dtype_name = str(dtype).removeprefix("torch.")
+    if dtype_name not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype_name}")
     transformers.logging.set_verbosity_error()
     torch._dynamo.config.recompile_limit = 64  # one compiled layer per shape the sweep visits
     started = time.perf_counter()
@@ -425,9 +396,7 @@ def run_bench(
         hf = load_hf(model_name, device, dtype)
         config = ModelConfig.from_dict(hf.config.to_dict(), source=model_name)
         for batch, prompt in dict.fromkeys((c.batch_size, c.prompt_len) for c in mine):
-            numbers = roofline(
-                config, batch, prompt, new_tokens, DTYPE_BYTES[dtype], copy_bw, matmul
-            )
+            numbers = roofline(config, batch, prompt, new_tokens, dtype_name, copy_bw, matmul)
             emit(model_name, "roofline", batch, prompt, numbers)
         ours = fast = None
         for impl in IMPLS:
@@ -524,14 +493,19 @@ def add_arguments(parser) -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default=None, help="cuda if there is a GPU, else cpu")
     parser.add_argument(
         "--dtype", default=None, help="bfloat16 on a GPU, float32 on a CPU by default"
     )
     parser.add_argument(
         "--out",
         default=None,
-        help="JSON-lines file to append to (default book/data/bench/<device>-<date>.jsonl)",
+        help="JSON-lines file to append to (default: OUT_DIR/<device>-<date>.jsonl)",
+    )
+    parser.add_argument(
+        "--out-dir",
+        default="book/data/bench",
+        help="folder of the default --out (default: book/data/bench)",
     )
     parser.add_argument(
         "--run-id", default=None, help="share one run id between several invocations"
@@ -544,12 +518,20 @@ def add_arguments(parser) -> None:
 
 
 def cli(args) -> int:
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda, but torch sees no GPU; use --device cpu")
+    from .hardware import check_device
+
+    if args.new_tokens < 2:
+        raise ValueError(
+            f"--new-tokens must be at least 2 (decode is timed apart from prefill), got {args.new_tokens}"
+        )
+    if args.repeats < 1 or args.warmup < 0:
+        raise ValueError(
+            f"--repeats must be >= 1 and --warmup >= 0, got {args.repeats} and {args.warmup}"
+        )
+    device = check_device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
-    if not isinstance(getattr(torch, dtype_name, None), torch.dtype):
-        raise ValueError(f"--dtype {dtype_name!r} is not a torch dtype; use bfloat16 or float32")
+    if dtype_name not in DTYPE_BYTES:
+        raise ValueError(f"--dtype {dtype_name!r}: use {', '.join(DTYPE_BYTES)}")
     default_impls = (
         IMPLS if device.type == "cuda" else tuple(i for i in IMPLS if i != "hf-static-compile")
     )
@@ -557,7 +539,7 @@ def cli(args) -> int:
     cells = plan(
         args.models.split(","), impls, _int_list(args.batches), _int_list(args.prompts), args.skip
     )
-    output = Path(args.out) if args.out else default_output(device)
+    output = Path(args.out) if args.out else default_output(Path(args.out_dir), device)
     run_bench(
         cells,
         new_tokens=args.new_tokens,
@@ -573,14 +555,3 @@ def cli(args) -> int:
     )
     print(f"wrote {output}")
     return 0
-
-
-if __name__ == "__main__":
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(
-        prog="python -m minqwen.bench", description="prefill and decode tok/s, side by side"
-    )
-    add_arguments(parser)
-    sys.exit(cli(parser.parse_args()))

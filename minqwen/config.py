@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
+SAMPLING_SETTINGS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
 
 _REQUIRED = (
     "vocab_size",
@@ -39,6 +40,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     pad_token_id: int | None = None
+    # generation_config.json's sampling settings (do_sample, temperature, ...): what generate() uses by default.
+    sampling_defaults: dict = field(default_factory=dict, compare=False)
 
     @property
     def head_dim(self) -> int:
@@ -54,7 +57,18 @@ class ModelConfig:
         return (self.rope_scaling or {}).get("rope_type", "default")
 
     @classmethod
-    def from_dict(cls, raw: dict, source: str = "config") -> ModelConfig:
+    def from_dict(
+        cls, raw: dict, source: str = "config", generation: dict | None = None
+    ) -> ModelConfig:
+        """A config from config.json's dict and, optionally, generation_config.json's.
+
+        As in transformers' generate(), generation_config.json decides which tokens end a reply and which token
+        pads finished rows (Instruct models stop on <|im_end|> and <|endoftext|>), and the sampling settings a
+        caller does not pass.
+        """
+        generation = generation or {}
+        ending = ("eos_token_id", "pad_token_id")
+        raw = {**raw, **{k: generation[k] for k in ending if generation.get(k) is not None}}
         missing = [key for key in _REQUIRED if key not in raw]
         if missing:
             raise ConfigError(
@@ -105,6 +119,9 @@ class ModelConfig:
             tie_word_embeddings=raw.get("tie_word_embeddings", False),
             eos_token_ids=eos_ids,
             pad_token_id=raw.get("pad_token_id"),
+            sampling_defaults={
+                k: generation[k] for k in SAMPLING_SETTINGS if generation.get(k) is not None
+            },
         )
 
     @classmethod
@@ -116,20 +133,23 @@ class ModelConfig:
             raise ConfigError(
                 f"{path} does not exist; pass a checkpoint folder that holds config.json"
             )
-        raw = json.loads(path.read_text())
         generation = path.with_name("generation_config.json")
-        if generation.is_file():
-            # As in transformers' generate(): generation_config.json decides which tokens end a reply and which
-            # token pads finished rows (Instruct models stop on <|im_end|> and <|endoftext|>).
-            defaults = json.loads(generation.read_text())
-            raw.update(
-                {
-                    k: defaults[k]
-                    for k in ("eos_token_id", "pad_token_id")
-                    if defaults.get(k) is not None
-                }
-            )
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(
+            read_json(path), str(path), read_json(generation) if generation.is_file() else None
+        )
+
+
+def read_json(path: Path) -> dict:
+    """A JSON object from `path`, or a ConfigError that names the file and what is wrong with it."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ConfigError(
+            f"{path} is not valid JSON ({error}); restore the file or fetch the checkpoint again"
+        ) from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} holds a JSON {type(value).__name__}, not an object of settings")
+    return value
 
 
 def _rope(raw: dict, source: str) -> tuple[float, dict | None]:

@@ -1,38 +1,53 @@
-"""minqwen-fast: greedy generation that runs close to the memory-bandwidth limit of a GPU.
+"""minqwen-fast: generation that runs close to the memory-bandwidth limit of a GPU.
 
 The eager loop (`minqwen.generate`) spends most of a decode step launching small kernels from Python and waiting
-for the host. This path removes that overhead, in four moves:
+for the host. This engine removes that overhead, in four moves:
 
 - **Fused projections.** q, k and v become one matrix and gate and up another, built from a loaded `Qwen2`
   (model.py is untouched): one weight read and one kernel where there were three or two.
 - **A static KV cache, written in place.** Every layer's cache is preallocated for a *bucket* of positions;
   `index_copy_` writes the new key and value at a slot held in a device tensor, and attention reads the whole
   bucket with a mask, so every step has the same shapes.
-- **No host sync per token.** The next token, its position, the write slot, the finished flags and the output
-  buffer all live on the device and are updated by the step itself; Python only replays the step.
-- **One CUDA graph per (batch, bucket).** On a GPU each decoder layer is compiled once with `torch.compile`
-  (every layer has the same code and shapes, so one compiled layer serves all of them; compiling the whole step
-  instead took ten times longer for 2% more speed), and the whole decode step, every layer and the head, is
-  captured as one CUDA graph and replayed for each new token. Prompt lengths
+- **No host sync per token.** The next token, its position, the write slot, the tokens seen so far (for the
+  repetition penalty), the finished flags and the output buffer all live on the device and are updated by the
+  step itself, sampling included; Python only replays the step.
+- **One CUDA graph per (batch, bucket) and sampling setting.** On a GPU each decoder layer is compiled once
+  with `torch.compile` (every layer has the same code and shapes, so one compiled layer serves all of them;
+  compiling the whole step instead took ten times longer for 2% more speed), and the whole decode step, every
+  layer, the head and the sampler, is captured as one CUDA graph and replayed for each new token. Prompt lengths
   are bucketed (`bucket` positions at a time), so any prompt in a bucket reuses the graph.
 
-On a CPU the same step runs eagerly (no compiler, no graph), and its greedy tokens equal `minqwen.generate`'s.
+It takes the arguments of `minqwen.generate`, resolved by the same `minqwen.request.prepare`, so defaults, end
+tokens, padding and input checks are those of the eager loop. On a CPU the step runs eagerly (no compiler, no
+graph) with the eager loop's own processors and `torch.multinomial`: its tokens equal `minqwen.generate`'s for
+the same seed. On CUDA the sampler is `minqwen.sampling.sample_without_sync`: the same distribution, other draws.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from .generate import check_inputs
-from .layers import rms_norm
+from .layers import attend, rms_norm
 from .model import Qwen2
+from .request import GenerationRequest, NumericalError, prepare
 from .rope import apply_rope, rope_cos_sin
+from .sampling import (
+    SamplingConfig,
+    process_logits,
+    sample_without_sync,
+    seen_tokens,
+    select_next_token,
+)
 
 # Reading the finished flags back is a host sync, so it happens this often, not every token.
 FINISHED_CHECK_EVERY = 16
+# Decode states (a KV cache each) kept for reuse; the least recently used goes first.
+MAX_STATES = 4
 
 
 class LayerWeights(NamedTuple):
@@ -115,12 +130,7 @@ def prefill_layer(x, cos, sin, mask, keys, values, w: LayerWeights, s: Shape):
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     keys[:, :, :seq] = k
     values[:, :, :seq] = v
-    groups = s.heads // s.kv_heads
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1
-    )
-    return _finish(x, out.transpose(1, 2).reshape(batch, seq, -1), w, s)
+    return _finish(x, attend(q, k, v, mask).transpose(1, 2).reshape(batch, seq, -1), w, s)
 
 
 def decode_layer(x, cos, sin, visible, slot, keys, values, w: LayerWeights, s: Shape):
@@ -152,45 +162,35 @@ def step_inputs(token, position, slot, key_is_real, embedding, inv_freq, rope_sc
     return x, cos, sin, visible[:, None, None, :]
 
 
-def greedy_token(x, norm_weight, lm_head_weight, eps: float):
-    """argmax of the last position's logits, in float32 like the eager loop."""
-    logits = linear(rms_norm(x[:, -1], norm_weight, eps), lm_head_weight)
-    return logits.float().argmax(dim=-1)
+def head_logits(x, norm_weight, lm_head_weight, eps: float):
+    """float32 logits of the last position, like the eager loop's."""
+    return linear(rms_norm(x[:, -1], norm_weight, eps), lm_head_weight).float()
 
 
-def finish_step(
-    x,
-    norm_weight,
-    lm_head_weight,
-    eps: float,
+def advance(
+    new,
+    logits,
     token,
     position,
     slot,
     finished,
     is_eos,
     pad,
+    seen,
     generated,
     step,
-):
-    """Choose the next token and move every counter on by one, all on the device."""
-    advance(
-        greedy_token(x, norm_weight, lm_head_weight, eps),
-        token,
-        position,
-        slot,
-        finished,
-        is_eos,
-        pad,
-        generated,
-        step,
-    )
+    first_nonfinite,
+) -> None:
+    """Record `new` (pad for rows already finished) as the next input and output, and move to the next slot.
 
-
-def advance(new, token, position, slot, finished, is_eos, pad, generated, step) -> None:
-    """Record `new` (pad for rows already finished) as the next input and output, and move to the next slot."""
+    The arguments after `logits` are a decode state's tensors, in the order of `_DecodeState.counters()`.
+    """
+    finite = torch.isfinite(logits).all()
+    first_nonfinite.copy_(torch.where((first_nonfinite < 0) & ~finite, step, first_nonfinite))
     new = torch.where(finished, pad, new)
     finished |= is_eos[new]
     generated.index_copy_(1, step, new[:, None])
+    seen.scatter_(1, new[:, None], True)
     token.copy_(new)
     position += 1
     slot += 1
@@ -198,40 +198,32 @@ def advance(new, token, position, slot, finished, is_eos, pad, generated, step) 
 
 
 class _DecodeState:
-    """Everything a decode step reads and writes, preallocated for one (batch, bucket) so a graph can replay it."""
+    """Everything a decode step reads and writes, preallocated for one (batch, capacity) so a graph can replay it."""
 
     def __init__(self, fast: FastQwen2, batch: int, capacity: int):
         c, device = fast.config, fast.device
+
+        def zeros(*shape, dtype=torch.long):
+            return torch.zeros(shape, dtype=dtype, device=device)
+
         cache_shape = (batch, c.num_key_value_heads, capacity, c.head_dim)
-        self.keys = [
-            torch.zeros(cache_shape, dtype=fast.dtype, device=device)
-            for _ in range(c.num_hidden_layers)
-        ]
-        self.values = [
-            torch.zeros(cache_shape, dtype=fast.dtype, device=device)
-            for _ in range(c.num_hidden_layers)
-        ]
-        self.token = torch.zeros(
-            batch, dtype=torch.long, device=device
-        )  # the token this step feeds in
-        self.position = torch.zeros(batch, dtype=torch.long, device=device)  # its RoPE position
-        self.slot = torch.zeros(
-            1, dtype=torch.long, device=device
-        )  # the cache slot its key and value go to
-        self.key_is_real = torch.ones(
-            batch, capacity, dtype=torch.bool, device=device
-        )  # False on left padding
-        self.finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.is_eos = torch.zeros(c.vocab_size, dtype=torch.bool, device=device)
-        self.pad = torch.zeros(1, dtype=torch.long, device=device)
-        self.generated = torch.zeros(batch, capacity, dtype=torch.long, device=device)
-        self.step = torch.zeros(
-            1, dtype=torch.long, device=device
-        )  # column of `generated` written next
-        self.graph: torch.cuda.CUDAGraph | None = None
+        self.keys = [zeros(*cache_shape, dtype=fast.dtype) for _ in range(c.num_hidden_layers)]
+        self.values = [zeros(*cache_shape, dtype=fast.dtype) for _ in range(c.num_hidden_layers)]
+        self.token = zeros(batch)  # the token this step feeds in
+        self.position = zeros(batch)  # its RoPE position
+        self.slot = zeros(1)  # the cache slot its key and value go to
+        self.key_is_real = zeros(batch, capacity, dtype=torch.bool)  # False on left padding
+        self.finished = zeros(batch, dtype=torch.bool)
+        self.is_eos = zeros(c.vocab_size, dtype=torch.bool)
+        self.pad = zeros(1)
+        self.seen = zeros(batch, c.vocab_size, dtype=torch.bool)  # for the repetition penalty
+        self.generated = zeros(batch, capacity)
+        self.step = zeros(1)  # column of `generated` written next
+        self.first_nonfinite = zeros(1) - 1  # the first step whose logits held NaN or infinity
+        self.graphs: dict[SamplingConfig, torch.cuda.CUDAGraph] = {}
 
     def counters(self) -> tuple[torch.Tensor, ...]:
-        """The arguments of `advance` after the new token, in order."""
+        """The arguments of `advance` after the logits, in order."""
         return (
             self.token,
             self.position,
@@ -239,16 +231,20 @@ class _DecodeState:
             self.finished,
             self.is_eos,
             self.pad,
+            self.seen,
             self.generated,
             self.step,
+            self.first_nonfinite,
         )
 
 
 class FastQwen2:
-    """Greedy generation for a loaded `Qwen2`, with fused weights, a bucketed static cache and CUDA graphs.
+    """Generation for a loaded `Qwen2`, with fused weights, a bucketed static cache and CUDA graphs.
 
-    `bucket` is the granularity of the cache: prompt + new tokens is rounded up to a multiple of it, and each
-    (batch, bucket) pair is compiled and captured once. `use_graphs` defaults to True on CUDA and must be False
+    `generate` and `generate_tokens` take the arguments of `minqwen.generate` and `minqwen.generate_tokens`, with
+    the same defaults. `bucket` is the granularity of the cache: prompt + new tokens is rounded up to a multiple
+    of it. Each (batch, bucket) gets a decode state (its cache) and, per sampling setting, one captured graph;
+    the `MAX_STATES` most recently used states are kept. `use_graphs` defaults to True on CUDA and must be False
     elsewhere. The fused weights are new tensors; the norms, o_proj, down_proj, embedding and head are shared with
     `model`, so dropping the model afterwards frees its separate q/k/v/gate/up weights.
     """
@@ -256,7 +252,8 @@ class FastQwen2:
     def __init__(self, model: Qwen2, *, bucket: int = 256, use_graphs: bool | None = None):
         if not isinstance(model, Qwen2):
             raise ValueError(
-                f"FastQwen2 wraps a minqwen Qwen2, got {type(model).__name__}; load one with Qwen2.from_pretrained"
+                f"FastQwen2 wraps a minqwen Qwen2, got {type(model).__name__}; load one with "
+                f"Qwen2.from_pretrained"
             )
         if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1:
             raise ValueError(
@@ -269,7 +266,8 @@ class FastQwen2:
             use_graphs = self.device.type == "cuda"
         if use_graphs and self.device.type != "cuda":
             raise ValueError(
-                f"CUDA graphs need the model on a CUDA device, it is on {self.device}; pass use_graphs=False"
+                f"CUDA graphs need the model on a CUDA device, it is on {self.device}; pass "
+                f"use_graphs=False"
             )
         self.use_graphs, self.bucket = use_graphs, bucket
         with torch.no_grad():
@@ -278,102 +276,116 @@ class FastQwen2:
         self.norm_weight, self.lm_head_weight = model.norm.weight, model.lm_head.weight
         self.inv_freq, self.rope_scale = model.inv_freq, model.rope_scale
         self.max_positions = c.max_position_embeddings
+        self._step_inputs, self._decode_layer = step_inputs, decode_layer
+        self._head, self._advance = head_logits, advance
         if use_graphs:
             # Coordinate-descent tuning searches each generated kernel's block sizes: it lifted 7B decoding by 12%
             # for about ten seconds more compilation (book/data/bench/NOTES.md).
             options = {"coordinate_descent_tuning": True}
-            self._step_inputs = torch.compile(step_inputs, fullgraph=True, options=options)
-            self._decode_layer = torch.compile(decode_layer, fullgraph=True, options=options)
-            self._finish_step = torch.compile(finish_step, fullgraph=True, options=options)
-        else:
-            self._step_inputs, self._decode_layer, self._finish_step = (
-                step_inputs,
-                decode_layer,
-                finish_step,
+            self._step_inputs, self._decode_layer, self._head, self._advance = (
+                torch.compile(f, fullgraph=True, options=options)
+                for f in (step_inputs, decode_layer, head_logits, advance)
             )
-        self._state: _DecodeState | None = None
+        self._states: OrderedDict[tuple[int, int], _DecodeState] = OrderedDict()
 
     def capacity_for(self, total: int) -> int:
-        """Cache positions for `total` = prompt + new tokens: the next multiple of `bucket`, within the model's limit."""
+        """Cache positions for `total` = prompt + new tokens: the next multiple of `bucket`, within the limit."""
         return min(-(-total // self.bucket) * self.bucket, self.max_positions)
 
     @torch.inference_mode()
     def generate(
-        self,
-        input_ids: torch.Tensor,
-        max_new_tokens: int,
-        *,
-        attention_mask: torch.Tensor | None = None,
-        eos_token_id: int | list[int] | None = None,
+        self, input_ids: torch.Tensor, max_new_tokens: int, **settings
     ) -> torch.LongTensor:
-        """Greedy tokens, [batch, prompt + new]: the same contract as `minqwen.generate(model, ..., do_sample=False)`.
+        """The prompt followed by the new tokens, [batch, prompt + new]: what `minqwen.generate` returns.
 
-        `eos_token_id=None` reads the model's end tokens and `[]` never stops early; finished rows are padded with
-        the first end token. Whether every row has finished is read back every `FINISHED_CHECK_EVERY` steps only.
+        Whether every row has finished is read back every `FINISHED_CHECK_EVERY` steps only.
         """
-        attention_mask = check_inputs(self, input_ids, attention_mask, max_new_tokens)
-        eos_ids = self._stop_ids(eos_token_id)
+        request = prepare(self.config, input_ids, max_new_tokens, **settings)
         if max_new_tokens == 0:
             return input_ids
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        batch, prompt = input_ids.shape
-        state = self._state_for(batch, self.capacity_for(prompt + max_new_tokens))
-        self._prefill(state, input_ids, attention_mask, eos_ids)
+        state = self._start(request)
         steps = 1
         while steps < max_new_tokens:
-            self._run_step(state)
+            self._replay(state, request.sampling)
             steps += 1
-            if eos_ids and steps % FINISHED_CHECK_EVERY == 0 and bool(state.finished.all()):
-                break
+            if steps % FINISHED_CHECK_EVERY == 0:
+                self._check_finite(state)
+                if request.eos_ids and bool(state.finished.all()):
+                    break
+        self._check_finite(state)
         new_tokens = state.generated[:, :steps]
-        if eos_ids:
+        if request.eos_ids:
             # The eager loop stops right after the step at which the last row finished; so does this result.
-            finished_at = _all_finished_at(new_tokens, eos_ids)
+            finished_at = _all_finished_at(new_tokens, request.eos_ids)
             if finished_at is not None:
                 new_tokens = new_tokens[:, : finished_at + 1]
-        return torch.cat([input_ids, new_tokens], dim=1)
+        return torch.cat([request.input_ids.to(self.device), new_tokens], dim=1)
 
-    def _stop_ids(self, eos_token_id: int | list[int] | None) -> list[int]:
-        """The end tokens, resolved as `minqwen.generate` resolves them for a Qwen2: None means the config's."""
-        if eos_token_id is None:
-            return list(self.config.eos_token_ids)
-        if isinstance(eos_token_id, int):
-            return [eos_token_id]
-        return [int(i) for i in eos_token_id]
+    def generate_tokens(
+        self, input_ids: torch.Tensor, max_new_tokens: int, **settings
+    ) -> Iterator[torch.LongTensor]:
+        """Yield the next token of every row, [batch], one step at a time, as `minqwen.generate_tokens` does.
 
-    def _state_for(self, batch: int, capacity: int) -> _DecodeState:
-        state = self._state
-        if state is not None and state.generated.shape == (batch, capacity):
-            return state
-        self._state = None  # free the previous bucket's cache and graph before allocating the next
-        state = _DecodeState(self, batch, capacity)
-        if self.use_graphs:
-            state.graph = self._capture(state)
-        self._state = state
+        Each token is read back as it is made (that is what streaming needs); `generate` avoids those syncs.
+        """
+        request = prepare(self.config, input_ids, max_new_tokens, **settings)
+        return self._tokens(request)
+
+    @torch.inference_mode()
+    def _tokens(self, request: GenerationRequest) -> Iterator[torch.LongTensor]:
+        for step in range(request.max_new_tokens):
+            if step == 0:
+                state = self._start(request)
+            else:
+                self._replay(state, request.sampling)
+            self._check_finite(state)
+            yield state.generated[:, step].clone()
+            if request.eos_ids and bool(state.finished.all()):
+                return
+
+    def _start(self, request: GenerationRequest) -> _DecodeState:
+        """The state for this request's shape, its graph captured, the prompt prefilled and the first token made."""
+        batch, prompt = request.input_ids.shape
+        state = self._state_for(batch, self.capacity_for(prompt + request.max_new_tokens))
+        if self.use_graphs and request.sampling not in state.graphs:
+            state.graphs[request.sampling] = self._capture(state, request.sampling)
+        if request.seed is not None:
+            torch.manual_seed(request.seed)
+        self._prefill(state, request)
         return state
 
-    def _capture(self, state: _DecodeState) -> torch.cuda.CUDAGraph:
+    def _state_for(self, batch: int, capacity: int) -> _DecodeState:
+        key = (batch, capacity)
+        if key in self._states:
+            self._states.move_to_end(key)
+            return self._states[key]
+        while len(self._states) >= MAX_STATES:
+            self._states.popitem(last=False)  # its cache and graphs are freed with it
+        self._states[key] = _DecodeState(self, batch, capacity)
+        return self._states[key]
+
+    def _capture(self, state: _DecodeState, sampling: SamplingConfig) -> torch.cuda.CUDAGraph:
         # Warm-up runs compile the functions and let their kernels pick configurations outside the capture; they
-        # write garbage into the cache, which the next prefill overwrites.
+        # write garbage into the state, which the next prefill resets.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(state)
+                self._step(state, sampling)
                 state.step.zero_()
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            self._step(state)
+            self._step(state, sampling)
         return graph
 
-    def _run_step(self, state: _DecodeState) -> None:
-        if state.graph is not None:
-            state.graph.replay()
+    def _replay(self, state: _DecodeState, sampling: SamplingConfig) -> None:
+        if self.use_graphs:
+            state.graphs[sampling].replay()
         else:
-            self._step(state)
+            self._step(state, sampling)
 
-    def _step(self, state: _DecodeState) -> None:
+    def _step(self, state: _DecodeState, sampling: SamplingConfig) -> None:
         x, cos, sin, visible = self._step_inputs(
             state.token,
             state.position,
@@ -385,39 +397,56 @@ class FastQwen2:
         )
         for w, keys, values in zip(self.layers, state.keys, state.values):
             x = self._decode_layer(x, cos, sin, visible, state.slot, keys, values, w, self.shape)
-        self._finish_step(
-            x, self.norm_weight, self.lm_head_weight, self.shape.eps, *state.counters()
-        )
+        logits = self._head(x, self.norm_weight, self.lm_head_weight, self.shape.eps)
+        self._advance(self._choose(logits, state, sampling), logits, *state.counters())
 
-    def _prefill(self, state: _DecodeState, input_ids, attention_mask, eos_ids: list[int]) -> None:
-        batch, prompt = input_ids.shape
-        padded = not bool(attention_mask.all())
-        positions = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    def _choose(self, logits, state: _DecodeState, sampling: SamplingConfig) -> torch.Tensor:
+        if self.use_graphs:
+            return sample_without_sync(logits, state.seen, sampling)
+        # Without graphs, the eager loop's own processors and draw: the same tokens for the same seed.
+        return select_next_token(process_logits(logits, None, sampling, seen=state.seen), sampling)
+
+    def _prefill(self, state: _DecodeState, request: GenerationRequest) -> None:
+        input_ids = request.input_ids.to(self.device)
+        attention_mask = request.attention_mask.to(self.device)
+        prompt = input_ids.shape[1]
+        positions = request.positions().to(self.device)
         x = F.embedding(input_ids, self.embedding)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale, x.dtype)
-        mask = Qwen2.attention_mask(prompt, 0, attention_mask if padded else None, x.device)
+        mask = Qwen2.attention_mask(prompt, 0, attention_mask if request.padded else None, x.device)
         for w, keys, values in zip(self.layers, state.keys, state.values):
             x = prefill_layer(x, cos, sin, mask, keys, values, w, self.shape)
         state.key_is_real.fill_(True)
         state.key_is_real[:, :prompt] = attention_mask.bool()
+        ignore_before = attention_mask.argmax(dim=1) if request.padded else None
+        state.seen.copy_(seen_tokens(input_ids, self.config.vocab_size, ignore_before))
         # Point at the prompt's last token; `advance` then moves on to the first new token, as after any step.
         state.position.copy_(positions[:, -1])
         state.slot.fill_(prompt - 1)
         state.step.zero_()
+        state.first_nonfinite.fill_(-1)
         state.finished.zero_()
         state.is_eos.zero_()
-        if eos_ids:
-            state.is_eos[eos_ids] = True
-            state.pad.fill_(eos_ids[0])
-        advance(
-            greedy_token(x, self.norm_weight, self.lm_head_weight, self.shape.eps),
-            *state.counters(),
-        )
+        if request.eos_ids:
+            state.is_eos[list(request.eos_ids)] = True
+        state.pad.fill_(request.pad_id if request.pad_id is not None else 0)
+        logits = head_logits(x, self.norm_weight, self.lm_head_weight, self.shape.eps)
+        advance(self._choose(logits, state, request.sampling), logits, *state.counters())
+
+    @staticmethod
+    def _check_finite(state: _DecodeState) -> None:
+        step = int(state.first_nonfinite)
+        if step >= 0:
+            raise NumericalError(
+                f"the model's logits hold NaN or infinity at new token {step}: its weights or activations "
+                f"are broken (a corrupt checkpoint, or float16 overflow); check the weights with "
+                f"`python -m minqwen fetch` and run in float32 or bfloat16"
+            )
 
 
-def _all_finished_at(new_tokens: torch.Tensor, eos_ids: list[int]) -> int | None:
+def _all_finished_at(new_tokens: torch.Tensor, eos_ids) -> int | None:
     """The step at which the last row emitted its first end token, or None if some row never did."""
-    hits = torch.isin(new_tokens, torch.tensor(eos_ids, device=new_tokens.device))
+    hits = torch.isin(new_tokens, torch.tensor(list(eos_ids), device=new_tokens.device))
     if not bool(hits.any(dim=1).all()):
         return None
     return int(hits.float().argmax(dim=1).max())
@@ -432,19 +461,19 @@ def greedy_agreement(
     For each row: `same`, the number of leading new tokens that agree; and where they part, how far apart the two
     choices were in the eager model's own logits (`gap`, its chosen token's logit minus the fast path's token's),
     also in units of the logits' rounding step (`gap_ulps`, the spacing of the working dtype at that magnitude).
-    A gap of a few rounding steps means the two paths only rounded differently.
+    A gap of a few rounding steps means the two paths only rounded differently. Both run greedy with no
+    repetition penalty, so the tokens are the logits' own choices.
     """
     from .generate import generate
 
-    eager = generate(
-        model, input_ids, max_new_tokens, attention_mask=attention_mask, eos_token_id=[]
-    )
-    ours = fast.generate(input_ids, max_new_tokens, attention_mask=attention_mask, eos_token_id=[])
+    plain = dict(do_sample=False, repetition_penalty=1.0, eos_token_id=[])
+    eager = generate(model, input_ids, max_new_tokens, attention_mask=attention_mask, **plain)
+    ours = fast.generate(input_ids, max_new_tokens, attention_mask=attention_mask, **plain)
     prompt = input_ids.shape[1]
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     rows = []
     for row in range(input_ids.shape[0]):
-        differs = (eager[row, prompt:] != ours[row, prompt:]).nonzero()
+        differs = (eager[row, prompt:] != ours[row, prompt:].to(eager.device)).nonzero()
         same = int(differs[0]) if len(differs) else max_new_tokens
         result = {
             "row": row,

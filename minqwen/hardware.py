@@ -1,6 +1,6 @@
 """What machine are we on, and which Qwen2.5 size fits it?
 
-`hardware()` reports the CPU, memory, GPU and library versions. `memory_estimate()` models the bytes a size needs
+`hardware_report()` reports the CPU, memory, GPU and library versions. `memory_estimate()` models the bytes a size needs
 (weights + KV cache at a context length + activations), and `recommend_size()` picks the largest that fits.
 """
 
@@ -12,9 +12,8 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
-from .sizes import SIZES, parameter_count, qwen25_config
+from .sizes import SIZES, dtype_bytes, kv_cache_bytes_per_token, parameter_count, qwen25_config
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 HEADROOM = 0.9  # allocator fragmentation, CUDA context and library buffers take the rest
 
 
@@ -40,6 +39,25 @@ class HardwareReport:
         return self.gpu_memory_bytes if self.gpu_memory_bytes else self.ram_available_bytes
 
 
+def check_device(name: str):
+    """The torch device `name` names, if this machine has it; a ValueError naming the fix otherwise."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: torch sees no CUDA GPU here; pass --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"--device {name}: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: minqwen runs on cpu or cuda, not {device.type}")
+    return device
+
+
 def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -51,7 +69,7 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def hardware() -> HardwareReport:
+def hardware_report() -> HardwareReport:
     import transformers
 
     memory = psutil.virtual_memory()
@@ -74,19 +92,6 @@ def hardware() -> HardwareReport:
     )
 
 
-def _dtype_bytes(dtype: str) -> int:
-    if dtype not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
-    return DTYPE_BYTES[dtype]
-
-
-def kv_cache_bytes_per_token(size: str, dtype: str = "bfloat16") -> int:
-    """Keys and values of every layer for one token: 2 x layers x kv_heads x head_dim x bytes."""
-    c = qwen25_config(size)
-    head_dim = c["hidden_size"] // c["num_attention_heads"]
-    return 2 * c["num_hidden_layers"] * c["num_key_value_heads"] * head_dim * _dtype_bytes(dtype)
-
-
 def memory_estimate(
     size: str, dtype: str = "bfloat16", context: int = 4096, batch: int = 1
 ) -> dict[str, int]:
@@ -101,7 +106,7 @@ def memory_estimate(
             f"context and batch must be positive, got context={context}, batch={batch}"
         )
     c = qwen25_config(size)
-    nbytes = _dtype_bytes(dtype)
+    nbytes = dtype_bytes(dtype)
     weights = parameter_count(size) * nbytes
     kv_cache = kv_cache_bytes_per_token(size, dtype) * context * batch
     per_token = 4 * c["hidden_size"] + 2 * c["intermediate_size"]

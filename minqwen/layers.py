@@ -42,6 +42,18 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """softmax(q k^T / sqrt(head_dim) + mask) v, each kv head serving its group of query heads.
+
+    q [batch, heads, seq, head_dim], k and v [batch, kv_heads, past + seq, head_dim]; `mask` is a boolean
+    [batch or 1, 1, seq, past + seq] (True: may attend) or None for plain causal attention.
+    """
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    causal = mask is None and q.shape[2] > 1
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+
+
 class Attention(nn.Module):
     """Grouped-query attention: q/k/v projections with bias, RoPE on q and k, kv heads shared by groups of q heads."""
 
@@ -66,12 +78,7 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)
-        groups = self.heads // self.kv_heads
-        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1
-        )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+        return self.o_proj(attend(q, k, v, mask).transpose(1, 2).reshape(batch, seq, -1))
 
 
 class DecoderLayer(nn.Module):

@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from .cache import DynamicKVCache
 from .config import ModelConfig
 from .layers import DecoderLayer, RMSNorm
 from .rope import rope_cos_sin, rope_inv_freq
@@ -81,6 +82,10 @@ class Qwen2(nn.Module):
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(x)
+
+    def new_cache(self) -> DynamicKVCache:
+        """An empty cache for one generation: the generate loop asks the model, which knows its layers."""
+        return DynamicKVCache(self.config.num_hidden_layers)
 
     @staticmethod
     def attention_mask(seq: int, past: int, attention_mask, device) -> torch.Tensor | None:

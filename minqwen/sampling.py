@@ -14,6 +14,18 @@ from dataclasses import dataclass
 import torch
 
 FILTERED = -float("inf")
+# What transformers' generate() uses for a setting that neither the caller nor the checkpoint's
+# generation_config.json sets (GenerationConfig._get_default_generation_params). Note top_k: 50, not off.
+TRANSFORMERS_DEFAULTS = {
+    "do_sample": False,
+    "temperature": 1.0,
+    "top_k": 50,
+    "top_p": 1.0,
+    "min_p": 0.0,
+    "repetition_penalty": 1.0,
+}
+# Logits are divided by the temperature: outside this range the result overflows float32 or flattens to noise.
+TEMPERATURE_RANGE = (1e-3, 1e3)
 
 
 @dataclass(frozen=True)
@@ -30,6 +42,12 @@ class SamplingConfig:
     def __post_init__(self):
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+        low, high = TEMPERATURE_RANGE
+        if self.temperature != 0 and not low <= self.temperature <= high:
+            raise ValueError(
+                f"temperature must be 0 (greedy) or between {low:g} and {high:g}, got {self.temperature:g}: "
+                f"dividing the logits by it would overflow or flatten them"
+            )
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
             raise ValueError(f"top_k must be an int >= 0 (0 turns top-k off), got {self.top_k!r}")
         if not 0 < self.top_p <= 1:
@@ -41,9 +59,38 @@ class SamplingConfig:
                 f"repetition_penalty must be > 0 (1 turns it off), got {self.repetition_penalty}"
             )
 
+    @classmethod
+    def resolve(cls, checkpoint: dict, **passed) -> SamplingConfig:
+        """The caller's settings (None: not passed) over the checkpoint's over transformers' defaults."""
+        given = {name: value for name, value in passed.items() if value is not None}
+        return cls(**{**TRANSFORMERS_DEFAULTS, **checkpoint, **given})
+
     @property
     def greedy(self) -> bool:
         return not self.do_sample or self.temperature == 0
+
+
+def seen_tokens(
+    previous_ids: torch.Tensor, vocab: int, ignore_before: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[batch, vocab] True where a token occurs in its row of `previous_ids`.
+
+    `ignore_before` [batch] skips each row's first positions, so left padding counts as nothing seen.
+    """
+    ids = previous_ids
+    if ignore_before is not None:
+        position = torch.arange(ids.shape[1], device=ids.device)
+        ids = ids.masked_fill(position[None, :] < ignore_before[:, None].to(ids.device), vocab)
+    # One spare column collects the skipped positions (and any id past the head's vocabulary), then is dropped.
+    seen = torch.zeros(ids.shape[0], vocab + 1, dtype=torch.bool, device=ids.device)
+    seen.scatter_(1, ids.clamp(max=vocab), True)
+    return seen[:, :vocab]
+
+
+def penalize_seen(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Divide the positive logits of seen tokens by `penalty` and multiply their negative ones."""
+    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen.to(logits.device), penalised, logits)
 
 
 def apply_repetition_penalty(
@@ -57,16 +104,8 @@ def apply_repetition_penalty(
 
     `ignore_before` [batch] skips each row's first positions, so left padding counts as nothing seen.
     """
-    vocab = logits.shape[-1]
-    ids = previous_ids
-    if ignore_before is not None:
-        position = torch.arange(ids.shape[1], device=ids.device)
-        ids = ids.masked_fill(position[None, :] < ignore_before[:, None].to(ids.device), vocab)
-    # One spare column collects the skipped positions (and any id past the head's vocabulary), then is dropped.
-    seen = torch.zeros(logits.shape[0], vocab + 1, dtype=torch.bool, device=logits.device)
-    seen.scatter_(1, ids.clamp(max=vocab).to(logits.device), True)
-    penalised = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(seen[:, :vocab], penalised, logits)
+    seen = seen_tokens(previous_ids.to(logits.device), logits.shape[-1], ignore_before)
+    return penalize_seen(logits, seen, penalty)
 
 
 def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -107,19 +146,22 @@ def min_p_filter(logits: torch.Tensor, min_p: float, min_tokens_to_keep: int = 1
 
 def process_logits(
     logits: torch.Tensor,
-    previous_ids: torch.Tensor,
+    previous_ids: torch.Tensor | None,
     config: SamplingConfig,
     ignore_before: torch.Tensor | None = None,
+    *,
+    seen: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The scores a token is chosen from, with each filter applied only where transformers applies it.
 
-    The repetition penalty applies to greedy decoding too; the other filters only when sampling.
+    The repetition penalty applies to greedy decoding too; the other filters only when sampling. It reads the
+    tokens seen so far from `previous_ids`, or from a `seen` mask kept up to date by the caller.
     """
     scores = logits
     if config.repetition_penalty != 1.0:
-        scores = apply_repetition_penalty(
-            scores, previous_ids, config.repetition_penalty, ignore_before
-        )
+        if seen is None:
+            seen = seen_tokens(previous_ids.to(logits.device), logits.shape[-1], ignore_before)
+        scores = penalize_seen(scores, seen, config.repetition_penalty)
     if config.greedy:
         return scores
     if config.temperature != 1.0:
@@ -138,3 +180,41 @@ def select_next_token(scores: torch.Tensor, config: SamplingConfig) -> torch.Ten
     if config.greedy:
         return scores.argmax(dim=-1)
     return torch.multinomial(scores.softmax(dim=-1), num_samples=1).squeeze(1)
+
+
+def sample_without_sync(
+    logits: torch.Tensor, seen: torch.Tensor, config: SamplingConfig
+) -> torch.Tensor:
+    """[batch] next tokens from the distribution that `process_logits` and `select_next_token` give, computed
+    with no host sync and no data-dependent shape, so that a CUDA graph can capture it.
+
+    Two changes of method, not of distribution. Top-p and min-p run on the top-k survivors only (sorted
+    descending, keeping a token while the mass before it is below top_p, which is transformers' ascending rule
+    turned around). The draw is an exponential race: with E_i ~ Exp(1), argmax_i p_i / E_i is token i with
+    probability p_i. The draws differ from `torch.multinomial`'s for the same seed; their distribution does not.
+    """
+    scores = logits
+    if config.repetition_penalty != 1.0:
+        scores = penalize_seen(scores, seen, config.repetition_penalty)
+    if config.greedy:
+        return scores.argmax(dim=-1)
+    if config.temperature != 1.0:
+        scores = scores / config.temperature
+    candidates = None
+    if config.top_k:
+        scores, candidates = torch.topk(scores, min(config.top_k, scores.shape[-1]))
+    elif config.top_p < 1.0:
+        scores, candidates = torch.sort(scores, descending=True)
+    if config.top_p < 1.0:
+        probs = scores.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs
+        scores = scores.masked_fill(mass_before >= config.top_p, FILTERED)
+    if config.min_p > 0.0:
+        probs = scores.softmax(dim=-1)
+        scores = scores.masked_fill(
+            probs < config.min_p * probs.amax(dim=-1, keepdim=True), FILTERED
+        )
+    probs = scores.softmax(dim=-1)
+    race = torch.empty_like(probs).exponential_()
+    choice = (probs / race).argmax(dim=-1)
+    return choice if candidates is None else candidates.gather(-1, choice[:, None]).squeeze(-1)

@@ -1,10 +1,17 @@
-"""The seven Qwen2.5 sizes, as their config.json files give them.
+"""The seven Qwen2.5 sizes, as their config.json files give them, and the arithmetic of a model's size.
 
-The hub is out of reach from where this book is built, so the numbers are written down here once and every
-chapter (size advice, the architecture table, KV-cache bytes, `random:<size>` checkpoints) reads them from here.
+The hub is out of reach from where this book is built, so the numbers are written down here once. This module
+is also the one home of size arithmetic: the tensors a config implies, its parameter count, the bytes one decode
+step reads, the KV-cache bytes per token and the FLOPs of a prefill. Size advice (`minqwen.hardware`), the
+benchmark's roofline (`minqwen.bench`) and `random:<size>` checkpoints (`minqwen.weights`) all read them here.
+Each function takes a size ("7B"), a config.json dict or a `ModelConfig`.
 """
 
 from __future__ import annotations
+
+from math import prod
+
+from .config import ModelConfig
 
 SIZES = ("0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B")
 
@@ -72,19 +79,6 @@ def qwen25_config(size: str, instruct: bool = True) -> dict:
     }
 
 
-def parameter_count(size: str) -> int:
-    """Exact number of parameters, counted from the config (embedding, layers, final norm, untied head)."""
-    c = qwen25_config(size)
-    hidden, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
-    head_dim = hidden // c["num_attention_heads"]
-    kv = c["num_key_value_heads"] * head_dim
-    attention = hidden * hidden + hidden + 2 * (hidden * kv + kv) + hidden * hidden
-    mlp = 3 * hidden * inter
-    per_layer = attention + mlp + 2 * hidden
-    head = 0 if c["tie_word_embeddings"] else vocab * hidden
-    return vocab * hidden + c["num_hidden_layers"] * per_layer + hidden + head
-
-
 def released_size(config: dict) -> str | None:
     """The Qwen2.5 size whose shape a config.json dict has (None for any other shape, such as a tiny test model)."""
     shape = (
@@ -97,3 +91,74 @@ def released_size(config: dict) -> str | None:
     return next(
         (s for s in SIZES if all(qwen25_config(s)[k] == config.get(k) for k in shape)), None
     )
+
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def as_config(model: str | dict | ModelConfig) -> ModelConfig:
+    """A size, a config.json dict or a ModelConfig, as a ModelConfig."""
+    if isinstance(model, ModelConfig):
+        return model
+    raw = qwen25_config(model) if isinstance(model, str) else model
+    return ModelConfig.from_dict(raw)
+
+
+def dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPE_BYTES)}")
+    return DTYPE_BYTES[dtype]
+
+
+def tensor_shapes(model: str | dict | ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of a Qwen2ForCausalLM checkpoint with its shape, in HF's names."""
+    c = as_config(model)
+    hidden, inter, vocab = c.hidden_size, c.intermediate_size, c.vocab_size
+    q, kv = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
+    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for i in range(c.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes[p + "input_layernorm.weight"] = (hidden,)
+        for name, rows in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+            shapes[p + f"self_attn.{name}.weight"] = (rows, hidden)
+            shapes[p + f"self_attn.{name}.bias"] = (rows,)
+        shapes[p + "self_attn.o_proj.weight"] = (hidden, q)
+        shapes[p + "post_attention_layernorm.weight"] = (hidden,)
+        shapes[p + "mlp.gate_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.up_proj.weight"] = (inter, hidden)
+        shapes[p + "mlp.down_proj.weight"] = (hidden, inter)
+    shapes["model.norm.weight"] = (hidden,)
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def parameter_count(model: str | dict | ModelConfig) -> int:
+    """Exact number of parameters: every tensor of the checkpoint (a tied head counts once)."""
+    return sum(prod(shape) for shape in tensor_shapes(model).values())
+
+
+def weight_bytes_per_step(model: str | dict | ModelConfig, dtype: str = "bfloat16") -> int:
+    """Bytes of weights one forward pass reads: every layer, the final norm and the head. The embedding table
+    counts only as a tied head; looking up a few rows of it costs nothing."""
+    c = as_config(model)
+    embedding = c.vocab_size * c.hidden_size
+    untied_head = 0 if c.tie_word_embeddings else embedding
+    return (parameter_count(c) - untied_head) * dtype_bytes(dtype)
+
+
+def kv_cache_bytes_per_token(model: str | dict | ModelConfig, dtype: str = "bfloat16") -> int:
+    """Keys and values of every layer for one token: 2 x layers x kv_heads x head_dim x bytes."""
+    c = as_config(model)
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * dtype_bytes(dtype)
+
+
+def prefill_flops(model: str | dict | ModelConfig, batch: int, prompt: int) -> int:
+    """Matrix-product FLOPs of a prefill: the projections for every token, causal attention (QK^T and the
+    weighted sum of V over the visible keys), and the head once a row."""
+    c = as_config(model)
+    head = c.vocab_size * c.hidden_size
+    projections = weight_bytes_per_step(c, "float16") // 2 - head
+    visible_keys = prompt * (prompt + 1) // 2
+    attention = 2 * 2 * c.num_hidden_layers * c.num_attention_heads * c.head_dim * visible_keys
+    return batch * (2 * prompt * projections + attention + 2 * head)

@@ -4,18 +4,22 @@ Byte-level BPE splits a character that takes several UTF-8 bytes (most Chinese c
 tokens when the vocabulary lacks it whole. Decoding such a token alone gives U+FFFD, the replacement character.
 `Detokenizer` therefore holds back text that ends in U+FFFD until the bytes that complete it arrive.
 
-`stream()` runs generation (`minqwen.generate.generate_tokens`) and yields the text pieces. It stops on an EOS id
+`stream()` runs generation (`minqwen.generate_tokens`, or a fast engine's own `generate_tokens`) and yields the
+text pieces. It stops on an EOS id
 or on a stop string. A stop string may be split across tokens. For that reason the stream holds back any tail of
 the text that could still grow into a stop string, and it never emits text from the stop string on.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Sequence
+from functools import partial
 
 import torch
 
 from .generate import generate_tokens
+from .tokenizer import BPETokenizer
 
 REPLACEMENT = "\ufffd"
 
@@ -102,6 +106,7 @@ class Stream:
         self._eos_ids = eos_ids
         self._stop = StopMatcher(stop)
         self.token_ids: list[int] = []
+        self.token_times: list[float] = []  # time.perf_counter() at each token's arrival
         self.text = ""
         self.finish_reason: str | None = None
 
@@ -112,10 +117,13 @@ class Stream:
                 yield piece
 
     def _pieces(self) -> Iterator[str]:
+        if self.finish_reason is not None:
+            return  # finished already: iterating again yields nothing and changes nothing
         try:
             for step in self._tokens:
                 token = int(step.reshape(-1)[0])
                 self.token_ids.append(token)
+                self.token_times.append(time.perf_counter())
                 if token in self._eos_ids:
                     self.finish_reason = "eos"
                     break
@@ -145,34 +153,48 @@ def stream(
 ) -> Stream:
     """Generate for one prompt and yield its text as it is produced.
 
-    `prompt_or_ids` is raw text, which is tokenized as is with no chat template, or token ids: a list, a 1-D
-    tensor or a [1, seq] tensor. Generation stops at an EOS id, which is not emitted, or at the first stop
-    string, which is not emitted either (OpenAI's convention). `eos_token_id` defaults to the model's and the
-    tokenizer's. `sampling` takes the keywords of `minqwen.generate.generate_tokens` (do_sample, temperature,
-    top_k, top_p, min_p, repetition_penalty, seed, use_cache).
+    `model` is a `Qwen2`, a `FastQwen2` engine or an `HFAdapter`; `tokenizer` is minqwen's `BPETokenizer` or a
+    transformers tokenizer. `prompt_or_ids` is raw text, which is tokenized as is with no chat template, or token
+    ids: a list, a 1-D tensor or a [1, seq] tensor. Generation stops at an EOS id, which is not emitted, or at the
+    first stop string, which is not emitted either (OpenAI's convention). `eos_token_id` defaults to the
+    checkpoint's end tokens and the tokenizer's. `sampling` takes the keywords of `minqwen.generate_tokens`
+    (do_sample, temperature, top_k, top_p, min_p, repetition_penalty, seed), each defaulting to the checkpoint's.
     """
     stop = [stop] if isinstance(stop, str) else list(stop or [])
     if any(not isinstance(s, str) or not s for s in stop):
         raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
     input_ids = _as_batch_of_one(tokenizer, prompt_or_ids)
     eos_ids = _eos_ids(model, tokenizer) if eos_token_id is None else _as_id_set(eos_token_id)
-    device = next(model.parameters()).device
-    tokens = generate_tokens(
-        model, input_ids.to(device), max_new_tokens, eos_token_id=sorted(eos_ids), **sampling
+    produce = getattr(model, "generate_tokens", None)
+    if produce is None:
+        produce = partial(generate_tokens, model)
+    tokens = produce(
+        input_ids.to(_device(model)), max_new_tokens, eos_token_id=sorted(eos_ids), **sampling
     )
     return Stream(tokens, Detokenizer(tokenizer, skip_special_tokens), eos_ids, stop)
 
 
+def _device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    return device if isinstance(device, torch.device) else next(model.parameters()).device
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    if isinstance(tokenizer, BPETokenizer):
+        return tokenizer.encode(text)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 def _as_batch_of_one(tokenizer, prompt_or_ids) -> torch.Tensor:
     if isinstance(prompt_or_ids, str):
-        ids = tokenizer(prompt_or_ids, add_special_tokens=False)["input_ids"]
+        ids = _encode(tokenizer, prompt_or_ids)
         if not ids:
             raise ValueError("the prompt is empty; streaming needs at least one prompt token")
         return torch.tensor([ids])
     ids = torch.as_tensor(prompt_or_ids, dtype=torch.long)
     if ids.dim() == 2 and ids.shape[0] != 1:
         raise ValueError(
-            f"stream() takes one prompt, got a batch of {ids.shape[0]}; call minqwen.generate.generate for batches"
+            f"stream() takes one prompt, got a batch of {ids.shape[0]}; call minqwen.generate for batches"
         )
     if ids.dim() not in (1, 2) or ids.numel() == 0:
         raise ValueError(
@@ -186,12 +208,8 @@ def _as_id_set(ids) -> set[int]:
 
 
 def _eos_ids(model, tokenizer) -> set[int]:
-    """EOS ids from the model config (minqwen's or HF's) and the tokenizer."""
-    config = model.config
-    ids = set(getattr(config, "eos_token_ids", ()) or ())
-    hf_eos = getattr(config, "eos_token_id", None)
-    if hf_eos is not None:
-        ids |= _as_id_set(hf_eos)
-    if tokenizer.eos_token_id is not None:
+    """The checkpoint's end tokens (generation_config.json) and the tokenizer's own, if it names one."""
+    ids = set(model.config.eos_token_ids)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(tokenizer.eos_token_id)
     return ids

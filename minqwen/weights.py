@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .sizes import INSTRUCT_GENERATION_CONFIG, check_size, qwen25_config
+from .sizes import INSTRUCT_GENERATION_CONFIG, check_size, qwen25_config, tensor_shapes
 
 MANIFEST = "SHA256SUMS"
 ASSETS = Path(__file__).parent / "assets" / "qwen2.5-tokenizer"
@@ -397,7 +397,7 @@ def write_random_checkpoint(
     for asset in ASSETS.iterdir():
         shutil.copy(asset, out / asset.name)
     generator = torch.Generator().manual_seed(seed)
-    shapes = list(_hf_shapes(config).items())
+    shapes = list(tensor_shapes(config).items())
     total = sum(torch.Size(s).numel() * 2 for _, s in shapes)
     shard, shard_size, index = {}, 0, 0
     weight_map: dict[str, str] = {}
@@ -435,33 +435,3 @@ def write_random_checkpoint(
         "weight_map": {k: renamed[v] for k, v in weight_map.items()},
     }
     (out / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2) + "\n")
-
-
-def _hf_shapes(config: dict) -> dict[str, tuple[int, ...]]:
-    """Every tensor of a Qwen2ForCausalLM state dict with its shape, in HF's names."""
-    hidden, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
-    head_dim = hidden // config["num_attention_heads"]
-    kv = config["num_key_value_heads"] * head_dim
-    shapes = {"model.embed_tokens.weight": (vocab, hidden)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        shapes.update(
-            {
-                p + "input_layernorm.weight": (hidden,),
-                p + "self_attn.q_proj.weight": (hidden, hidden),
-                p + "self_attn.q_proj.bias": (hidden,),
-                p + "self_attn.k_proj.weight": (kv, hidden),
-                p + "self_attn.k_proj.bias": (kv,),
-                p + "self_attn.v_proj.weight": (kv, hidden),
-                p + "self_attn.v_proj.bias": (kv,),
-                p + "self_attn.o_proj.weight": (hidden, hidden),
-                p + "post_attention_layernorm.weight": (hidden,),
-                p + "mlp.gate_proj.weight": (inter, hidden),
-                p + "mlp.up_proj.weight": (inter, hidden),
-                p + "mlp.down_proj.weight": (hidden, inter),
-            }
-        )
-    shapes["model.norm.weight"] = (hidden,)
-    if not config["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (vocab, hidden)
-    return shapes

@@ -1,6 +1,10 @@
-"""Shared fixtures: tiny random Qwen2 checkpoints for exact checks, the embedded model for end-to-end ones."""
+"""Shared fixtures and helpers: tiny random Qwen2 checkpoints for exact checks, the embedded model for end-to-end
+ones. Every test that uses an `embedded_*` fixture is marked `embedded`, so `pytest -m "not embedded"` runs
+without fetching the real model."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -37,6 +41,48 @@ def make_tiny_checkpoint(folder, seed: int = 0, **overrides):
     return folder
 
 
+# generation_config.json of an Instruct model, scaled to the tiny vocabulary: sampling on, two end tokens, and a
+# pad id that is neither of them, so padding mistakes show.
+TINY_INSTRUCT_GENERATION = {
+    "bos_token_id": 1,
+    "pad_token_id": 0,
+    "eos_token_id": [7, 2],
+    "do_sample": True,
+    "temperature": 0.7,
+    "top_k": 20,
+    "top_p": 0.8,
+    "repetition_penalty": 1.05,
+}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if any(name.startswith("embedded") for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.embedded)
+
+
+def left_pad(prompts: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ids and attention mask of `prompts`, left-padded to the longest."""
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def hf_generate(model, ids, max_new_tokens, seed=0, mask=None, **kwargs):
+    """HF generate() called the way a user calls it: what is passed, the rest from the checkpoint."""
+    torch.manual_seed(seed)
+    with torch.inference_mode():
+        mask = torch.ones_like(ids) if mask is None else mask
+        return model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, **kwargs)
+
+
+def random_prompts(seed: int, lengths) -> list[list[int]]:
+    """Prompts of the given lengths, of ids 3..127 (0-2 are the tiny models' special ids)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 128, (n,), generator=generator).tolist() for n in lengths]
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory):
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
@@ -50,6 +96,24 @@ def tiny_hf(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def tiny_ours(tiny_checkpoint):
     return minqwen.Qwen2.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_instruct_checkpoint(tmp_path_factory):
+    """A tiny model with an Instruct-style generation_config.json (see TINY_INSTRUCT_GENERATION)."""
+    folder = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-instruct"), seed=1)
+    (folder / "generation_config.json").write_text(json.dumps(TINY_INSTRUCT_GENERATION))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_instruct_hf(tiny_instruct_checkpoint):
+    return Qwen2ForCausalLM.from_pretrained(tiny_instruct_checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_instruct_ours(tiny_instruct_checkpoint):
+    return minqwen.Qwen2.from_pretrained(tiny_instruct_checkpoint)
 
 
 @pytest.fixture(scope="session")

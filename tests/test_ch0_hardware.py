@@ -3,15 +3,14 @@
 import pytest
 import torch
 
-from minqwen import hardware, memory_estimate, recommend_size
-from minqwen.hardware import kv_cache_bytes_per_token
-from minqwen.sizes import SIZES, parameter_count, qwen25_config
+from minqwen.hardware import hardware_report, memory_estimate, recommend_size
+from minqwen.sizes import SIZES, kv_cache_bytes_per_token, parameter_count, qwen25_config
 
 GIB = 1 << 30
 
 
 def test_report_fields():
-    report = hardware()
+    report = hardware_report()
     assert report.cpu_cores >= 1 and report.ram_total_bytes >= report.ram_available_bytes > 0
     assert report.torch == torch.__version__
     assert (report.gpu is None) == (not torch.cuda.is_available())

@@ -29,8 +29,7 @@ import minqwen
 from minqwen.config import ModelConfig
 from minqwen.hardware import memory_estimate
 from minqwen.model import hf_to_minqwen
-from minqwen.sizes import SIZES, parameter_count, qwen25_config, released_size
-from minqwen.weights import _hf_shapes
+from minqwen.sizes import SIZES, parameter_count, qwen25_config, released_size, tensor_shapes
 
 GIB = 1 << 30
 
@@ -47,7 +46,7 @@ def test_random_05b_is_a_verified_sharded_checkpoint(random_05b):
     assert random_05b.name == "random-Qwen2.5-0.5B-Instruct"
     assert minqwen.fetch(str(random_05b)) == random_05b  # every file matches SHA256SUMS
     index = json.loads((random_05b / "model.safetensors.index.json").read_text())
-    assert set(index["weight_map"]) == set(_hf_shapes(qwen25_config("0.5B")))
+    assert set(index["weight_map"]) == set(tensor_shapes(qwen25_config("0.5B")))
     assert index["metadata"]["total_size"] == memory_estimate("0.5B", "bfloat16")["weights"]
     for shard in set(index["weight_map"].values()):
         with safe_open(random_05b / shard, framework="pt") as f:
@@ -119,14 +118,14 @@ def test_every_size_writes_the_tensors_hf_expects(size):
     config = qwen25_config(size)
     with torch.device("meta"):
         hf = Qwen2ForCausalLM(Qwen2Config(**config))
-    assert {name: tuple(p.shape) for name, p in hf.named_parameters()} == _hf_shapes(config)
+    assert {name: tuple(p.shape) for name, p in hf.named_parameters()} == tensor_shapes(config)
     ModelConfig.from_dict(config, source=f"random:{size}")
 
 
 @pytest.mark.parametrize("size", SIZES)
 def test_every_size_checkpoint_bytes_are_the_estimated_weights(size):
     checkpoint_bytes = sum(
-        torch.Size(shape).numel() * 2 for shape in _hf_shapes(qwen25_config(size)).values()
+        torch.Size(shape).numel() * 2 for shape in tensor_shapes(qwen25_config(size)).values()
     )
     estimate = memory_estimate(size, "bfloat16")
     assert checkpoint_bytes == estimate["weights"] == parameter_count(size) * 2

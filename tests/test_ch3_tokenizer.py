@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from corpus import sample_corpus
+
 import json
 import unicodedata
 
@@ -9,7 +11,7 @@ import pytest
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from minqwen.tokenizer import BPETokenizer, bytes_to_unicode, render_chat, sample_corpus
+from minqwen.tokenizer import BPETokenizer, bytes_to_unicode, render_chat
 from minqwen.weights import ASSETS
 
 

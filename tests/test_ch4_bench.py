@@ -6,13 +6,14 @@ No test asserts a speed: timings vary by machine. They assert the method and the
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from minqwen import bench
 from minqwen.config import ModelConfig
-from minqwen.sizes import parameter_count, qwen25_config
+from minqwen.sizes import parameter_count, prefill_flops, qwen25_config, weight_bytes_per_step
 
 
 def config(size: str) -> ModelConfig:
@@ -46,30 +47,34 @@ def test_weight_bytes_count_every_parameter_but_an_untied_embedding(size):
     c = qwen25_config(size)
     embedding = c["vocab_size"] * c["hidden_size"]
     read = parameter_count(size) - (0 if c["tie_word_embeddings"] else embedding)
-    assert bench.weight_bytes_per_step(config(size), 2) == 2 * read
+    assert weight_bytes_per_step(config(size), "bfloat16") == 2 * read
 
 
 def test_decode_roofline_matches_the_issue_reference():
     # The issue quotes about 3,050 tok/s for 0.5B and 213 for 7B at batch 1 with a 3.0 TB/s copy bandwidth.
     for size, expected in [("0.5B", 3050), ("7B", 213)]:
-        tok_s = bench.roofline(config(size), 1, 128, 128, 2, 3.0e12, 7.9e14)["decode_tok_s"]
+        tok_s = bench.roofline(config(size), 1, 128, 128, "bfloat16", 3.0e12, 7.9e14)[
+            "decode_tok_s"
+        ]
         assert abs(tok_s - expected) / expected < 0.03, (size, tok_s)
 
 
 def test_roofline_grows_with_batch_and_shrinks_with_context():
     c = config("7B")
-    one, many = (bench.roofline(c, b, 128, 64, 2, 3e12, 8e14)["decode_tok_s"] for b in (1, 64))
+    one, many = (
+        bench.roofline(c, b, 128, 64, "bfloat16", 3e12, 8e14)["decode_tok_s"] for b in (1, 64)
+    )
     assert 50 < many / one < 64, "a batch shares the weight reads; only its cache reads grow"
-    long = bench.roofline(c, 64, 2048, 64, 2, 3e12, 8e14)["decode_tok_s"]
+    long = bench.roofline(c, 64, 2048, 64, "bfloat16", 3e12, 8e14)["decode_tok_s"]
     assert long < many
 
 
 def test_prefill_roofline_is_bound_by_weights_for_short_prompts():
     c = config("7B")
-    short = bench.roofline(c, 1, 16, 64, 2, 3e12, 8e14)["prefill_tok_s"]
-    assert short == pytest.approx(16 / (bench.weight_bytes_per_step(c, 2) / 3e12))
-    flops = bench.prefill_flops(c, 1, 2048)
-    assert bench.roofline(c, 1, 2048, 64, 2, 3e12, 8e14)["prefill_tok_s"] == pytest.approx(
+    short = bench.roofline(c, 1, 16, 64, "bfloat16", 3e12, 8e14)["prefill_tok_s"]
+    assert short == pytest.approx(16 / (weight_bytes_per_step(c, "bfloat16") / 3e12))
+    flops = prefill_flops(c, 1, 2048)
+    assert bench.roofline(c, 1, 2048, 64, "bfloat16", 3e12, 8e14)["prefill_tok_s"] == pytest.approx(
         2048 / (flops / 8e14)
     )
 
@@ -134,7 +139,9 @@ def test_run_refuses_compiled_hf_on_cpu_before_loading():
 
 
 def test_default_output_names_device_and_date():
-    path = bench.default_output("cpu")
+    path = bench.default_output(Path("book/data/bench"), "cpu")
     assert (
-        path.parent == bench.BENCH_DIR and path.name.startswith("cpu-") and path.suffix == ".jsonl"
+        path.parent == Path("book/data/bench")
+        and path.name.startswith("cpu-")
+        and path.suffix == ".jsonl"
     )

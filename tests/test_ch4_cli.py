@@ -27,6 +27,12 @@ def run_cli(*args, stdin=None):
     )
 
 
+def piped(text: str | bytes) -> io.TextIOWrapper:
+    """stdin as a pipe delivers it: bytes underneath, not a tty."""
+    data = text.encode() if isinstance(text, str) else text
+    return io.TextIOWrapper(io.BytesIO(data), encoding="utf-8")
+
+
 def assert_one_line_error(stderr: str, *fragments: str):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
@@ -170,7 +176,7 @@ def test_generate_applies_the_chat_template_and_system_message(tiny, capsys):
 
 def test_chat_reads_turns_from_a_pipe_and_keeps_the_history(tiny, capsys, monkeypatch):
     folder, model, tokenizer = tiny
-    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\n你好吗\n/exit\nnever read\n"))
+    monkeypatch.setattr(sys, "stdin", piped("hello\n\n你好吗\n/exit\nnever read\n"))
     assert main(["chat", "--model", str(folder), "--greedy", "--max-new-tokens", "6"]) == 0
     messages, replies = [], []
     for turn in ("hello", "你好吗"):

@@ -24,16 +24,10 @@ from helpers import DEVICE, show_source, stamp
 
 import pandas as pd
 
-import minqwen
-from minqwen.hardware import (
-    HEADROOM,
-    kv_cache_bytes_per_token,
-    memory_estimate,
-    recommend_size,
-)
-from minqwen.sizes import SIZES, parameter_count
+from minqwen.hardware import HEADROOM, hardware_report, memory_estimate, recommend_size
+from minqwen.sizes import SIZES, kv_cache_bytes_per_token, parameter_count
 
-report = minqwen.hardware()
+report = hardware_report()
 GIB = 2**30
 pd.Series(
     {

@@ -39,8 +39,8 @@ import pandas as pd
 import torch
 from transformers.utils import logging as hf_logging
 
-from minqwen.hardware import kv_cache_bytes_per_token, memory_estimate
-from minqwen.sizes import SIZES, qwen25_config
+from minqwen.hardware import memory_estimate
+from minqwen.sizes import SIZES, kv_cache_bytes_per_token, qwen25_config
 
 hf_logging.disable_progress_bar()
 model, tok = hf_model(), tokenizer()
