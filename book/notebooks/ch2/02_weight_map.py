@@ -14,151 +14,139 @@
 # %% [markdown]
 # # The weight map
 #
-# A checkpoint is a dictionary from names to tensors. This chapter lists every tensor of the embedded model, maps
-# each name onto minqwen's module tree, and looks closely at the one tensor whose presence depends on the model:
-# the LM head, which the official 0.5B ties to the embedding and the embedded model does not.
+# A checkpoint is a dictionary from names to tensors. Which names does the embedded model's file hold, what does
+# each weigh, and how does each land on a parameter of minqwen's module tree? And why does this checkpoint hold an
+# LM head of its own when the official 0.5B ties it to the embedding?
 #
-# A safetensors file starts with a JSON header giving each tensor's name, dtype, shape and byte range, so the whole
-# table below is read without loading a single weight.
+# ```{admonition} In this page
+# :class: tip
+# **You will learn**
+# - every tensor of the checkpoint, read from the {term}`safetensors` header without loading a weight, and where
+#   its bytes go;
+# - the one-rule map from HF's names to minqwen's, checked complete in both directions;
+# - tied and untied LM heads: what each stores, and why the book's model keeps two different matrices.
+#
+# **You need** the module tree from {doc}`01_architecture`, and the safetensors layout from
+# {doc}`../ch0/01_weights`. Running it reads the embedded model's file (about 20 seconds on a laptop CPU).
+# ```
 
-# %%
+# %% tags=["hide-input"]
 # %matplotlib inline
+from figures import weight_map as figures
 from helpers import is_book_model, model_path, show_source
 
 import re
 import tempfile
 from pathlib import Path
 
-import matplotlib.pyplot as plt
 import pandas as pd
 import torch
 from IPython.display import display
 from safetensors import safe_open
-from transformers import Qwen2ForCausalLM
-from transformers.utils import logging as hf_logging
+from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import minqwen
 from minqwen.config import ModelConfig
 from minqwen.model import hf_to_minqwen, minqwen_to_hf
 
-hf_logging.disable_progress_bar()  # its bars go to stderr, which nbval compares
 config = ModelConfig.from_file(model_path())
-checkpoints = sorted(
-    model_path().glob("*.safetensors")
-)  # one file here; large models shard theirs
-rows = []
-for checkpoint in checkpoints:
-    with safe_open(checkpoint, framework="pt") as f:
-        for key in f.keys():
-            piece = f.get_slice(key)
-            dtype = getattr(
-                torch,
-                {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}[
-                    piece.get_dtype()
-                ],
-            )
-            shape = tuple(piece.get_shape())
-            numel = torch.Size(shape).numel()
-            rows.append(
-                {
-                    "key": key,
-                    "shape": shape,
-                    "dtype": str(dtype).removeprefix("torch."),
-                    "parameters": numel,
-                    "bytes": numel * dtype.itemsize,
-                    "owning module": key.rsplit(".", 1)[0],
-                }
-            )
-weights = pd.DataFrame(rows).set_index("key")
-print(
-    f"{len(weights)} tensors, {weights['parameters'].sum():,} parameters, {weights['bytes'].sum() / 2**20:,.1f} MiB"
-)
-file_bytes = sum(checkpoint.stat().st_size for checkpoint in checkpoints)
-assert (
-    weights["bytes"].sum()
-    < file_bytes
-    < weights["bytes"].sum() + len(checkpoints) * 2**20
-)  # headers < 1 MiB
 
 # %% [markdown]
 # ## Every key
 #
-# The 24 layers hold the same 12 tensors each, so the table shows the tensors outside the layers and layer 0 in
-# full, in file order; the next table accounts for every layer.
-
+# A safetensors file starts with a JSON header giving each tensor's name, dtype, shape and byte range, so the whole
+# inventory is read without loading a single weight. The folded helper `header_table` turns the header of every
+# file (one here; large models shard theirs) into one row per tensor.
 
 # %%
-def layer_of(key: str) -> int | None:
-    match = re.match(r"model\.layers\.(\d+)\.", key)
-    return int(match[1]) if match else None
-
-
-layer = weights.index.map(layer_of)
-shown = weights[(layer == 0) | layer.isna()].copy()
-shown["shape"] = shown["shape"].map(lambda s: " x ".join(map(str, s)))
-shown["bytes"] = shown["bytes"].map(lambda b: f"{b:,}")
-shown["parameters"] = shown["parameters"].map(lambda n: f"{n:,}")
-shown
+checkpoints = sorted(model_path().glob("*.safetensors"))
+weights = figures.header_table(checkpoints)
+file_bytes = sum(checkpoint.stat().st_size for checkpoint in checkpoints)
+print(
+    f"{len(weights)} tensors, {weights['parameters'].sum():,} parameters, "
+    f"{weights['bytes'].sum() / 2**20:,.1f} MiB of tensors"
+    f" in {file_bytes / 2**20:,.1f} MiB"
+)
+assert (
+    weights["bytes"].sum()
+    < file_bytes
+    < weights["bytes"].sum() + len(checkpoints) * 2**20
+)
 
 # %% [markdown]
-# Collapsing the layer index gives one row per kind of tensor, with how many there are and what they weigh
-# together. Each layer's 12 tensors are identical in shape from layer 0 to layer 23.
+# The bytes beyond the tensors are the header, well under a MiB. The decoder layers hold the same 12 tensors
+# each, so here are the tensors outside the layers and layer 0 in full, in file order (alphabetical):
+
+# %% tags=["hide-input"]
+layer = weights.index.map(figures.layer_of)
+figures.readable(weights[(layer == 0) | layer.isna()].drop(columns="bytes"))
+
+# %% [markdown]
+# Collapsing the layer index gives one row per kind of tensor. Every layer's tensors have layer 0's shapes, and
+# each kind appears once per layer:
 
 # %%
 kind = weights.index.map(lambda k: re.sub(r"layers\.\d+\.", "layers.*.", k))
 totals = (
     weights.assign(kind=kind)
     .groupby("kind", sort=False)
-    .agg(
-        tensors=("shape", "size"),
-        shape=("shape", "first"),
-        shapes=("shape", "nunique"),
-        parameters=("parameters", "sum"),
-        bytes=("bytes", "sum"),
-    )
+    .agg(tensors=("shape", "size"), shapes=("shape", "nunique"), bytes=("bytes", "sum"))
 )
-assert (totals["shapes"] == 1).all() and (
-    totals.loc[[k for k in totals.index if "*" in k], "tensors"]
-    == config.num_hidden_layers
-).all()
-assert (
-    totals["tensors"].sum()
-    == len(weights)
-    == 12 * config.num_hidden_layers + 2 + (not config.tie_word_embeddings)
+N = config.num_hidden_layers
+assert (totals["shapes"] == 1).all()
+assert (totals.loc[totals.index.str.contains(r"\*"), "tensors"] == N).all()
+expected = 12 * N + 2 + (not config.tie_word_embeddings)
+assert totals["tensors"].sum() == len(weights) == expected
+print(
+    f"{len(totals)} kinds of tensor, {len(weights)} tensors"
+    f" = 12 x {N} layers + {expected - 12 * N}"
 )
-per_layer = {
-    k: int(v)
-    for k, v in weights.assign(layer=layer).groupby("layer")["parameters"].sum().items()
-}
-assert set(per_layer.values()) == {per_layer[0]}
-totals = totals.drop(columns="shapes")
-totals["share"] = (totals["bytes"] / totals["bytes"].sum()).map(lambda s: f"{s:.2%}")
-totals["MiB"] = (totals.pop("bytes") / 2**20).map(lambda m: f"{m:,.2f}")
-totals["shape"] = totals["shape"].map(lambda s: " x ".join(map(str, s)))
-totals["parameters"] = totals["parameters"].map(lambda n: f"{n:,}")
-totals
+
+# %% tags=["remove-input", "hide-output"]
+pd.DataFrame(
+    {
+        "tensors": totals["tensors"],
+        "MiB": (totals["bytes"] / 2**20).map(lambda m: f"{m:,.2f}"),
+        "share": (totals["bytes"] / totals["bytes"].sum()).map(lambda s: f"{s:.2%}"),
+    }
+)
+
+# %% [markdown]
+# ## Where the bytes go
+#
+# Drawn to scale, the checkpoint is two vocabulary matrices with the decoder layers between them; inside a layer,
+# the three MLP matrices outweigh all of attention, and the key and value projections are small because of
+# {term}`GQA` (2 kv heads of 64 channels against 14 query heads).
+
+# %% tags=["hide-input"]
+figures.where_the_bytes_go(weights, N)
 
 # %%
+per_layer = weights.assign(layer=layer).groupby("layer")["parameters"].sum()
+assert per_layer.nunique() == 1 and len(per_layer) == N
 print(
-    f"one decoder layer: {per_layer[0]:,} parameters; all {len(per_layer)}: {sum(per_layer.values()):,}"
+    f"one decoder layer: {per_layer.iloc[0]:,} parameters; all {N}: {per_layer.sum():,}"
 )
 
 # %% [markdown]
 # ## HF names to minqwen names
 #
-# minqwen names its modules after HF's (chapter 2.1), so the map is one rule: drop the `model.` prefix that
-# `Qwen2ForCausalLM` puts around its `Qwen2Model`. `lm_head.weight` sits outside that prefix in both. Anything else
-# is not a Qwen2 tensor and is refused by name.
+# minqwen names its modules after HF's ({doc}`01_architecture`), so the map is one rule: drop the `model.`
+# prefix that `Qwen2ForCausalLM` puts around its `Qwen2Model`. `lm_head.weight` sits outside that prefix in both.
+# Anything else is not a Qwen2 tensor and is refused by name.
 
 # %%
 show_source(hf_to_minqwen)
 show_source(minqwen_to_hf)
 
-# %%
-mapping = pd.DataFrame(
-    {"HF key": weights.index, "minqwen name": [hf_to_minqwen(k) for k in weights.index]}
-)
-mapping[(layer == 0) | layer.isna()].set_index("HF key")
+# %% tags=["hide-input"]
+for key in (
+    "model.embed_tokens.weight",
+    "model.layers.0.self_attn.q_proj.bias",
+    "model.norm.weight",
+    "lm_head.weight",
+):
+    print(f"{key:40} -> {hf_to_minqwen(key)}")
 
 # %% [markdown]
 # The map must be complete both ways: every key in the file lands on a parameter of minqwen's model with the same
@@ -169,16 +157,21 @@ mapping[(layer == 0) | layer.isna()].set_index("HF key")
 with torch.device("meta"):
     ours = minqwen.Qwen2(config)
 our_shapes = {name: tuple(t.shape) for name, t in ours.state_dict().items()}
-if (
-    config.tie_word_embeddings
-):  # one tensor under two names; the file stores it once, as the embedding
+if config.tie_word_embeddings:
+    # one tensor under two names; the file stores it once, as the embedding
     our_shapes.pop("lm_head.weight")
 file_shapes = {hf_to_minqwen(k): s for k, s in weights["shape"].items()}
 assert file_shapes == our_shapes
 assert all(minqwen_to_hf(hf_to_minqwen(k)) == k for k in weights.index)
 assert all(hf_to_minqwen(minqwen_to_hf(n)) == n for n in our_shapes)
 print(
-    f"{len(file_shapes)} keys map one to one onto minqwen's {len(our_shapes)} state_dict entries, shapes equal"
+    f"{len(file_shapes)} keys map one to one onto minqwen's {len(our_shapes)} "
+    "state_dict entries, shapes equal"
+)
+
+# %% tags=["remove-input", "hide-output"]
+pd.DataFrame(
+    {"minqwen name": [hf_to_minqwen(k) for k in weights.index]}, index=weights.index
 )
 
 # %% [markdown]
@@ -191,33 +184,34 @@ show_source(minqwen.Qwen2.from_pretrained)
 # %% [markdown]
 # ## Tied and untied LM heads
 #
-# The LM head turns the final hidden state into one logit per vocabulary entry: a `vocab x hidden` matrix, the
-# same shape as the embedding. Qwen2.5 0.5B, 1.5B and 3B *tie* the two: one matrix serves both, which saves 136M
-# parameters at 0.5B (a fifth of the model). Their checkpoints store it once, as `model.embed_tokens.weight`.
+# The LM head turns the final hidden state into the {term}`logits`, one per vocabulary entry: a `vocab x hidden`
+# matrix, the same shape as the embedding. Qwen2.5 0.5B, 1.5B and 3B *tie* the two: one matrix
+# serves both, which saves 136M parameters at 0.5B (a fifth of the model). Their checkpoints store it once, as
+# `model.embed_tokens.weight`.
 #
-# The embedded model comes from a GGUF file that stores an `output.weight` of its own, so its config says
+# The embedded model comes from a {term}`GGUF` file that stores an `output.weight` of its own, so its config says
 # `tie_word_embeddings: false` and its checkpoint holds both matrices. How different are they?
 
-# %%
+# %% tags=["hide-input"]
 if is_book_model():
     with safe_open(checkpoints[0], framework="pt") as f:
-        embedding, head = (
-            f.get_tensor("model.embed_tokens.weight"),
-            f.get_tensor("lm_head.weight"),
-        )
+        embedding = f.get_tensor("model.embed_tokens.weight")
+        head = f.get_tensor("lm_head.weight")
     row_cosine = torch.nn.functional.cosine_similarity(embedding, head, dim=1)
+    relative = ((embedding - head).norm() / embedding.norm()).item()
     difference = {
         "identical": torch.equal(embedding, head),
         "max |E - H|": f"{(embedding - head).abs().max().item():.3e}",
         "max |E|": f"{embedding.abs().max().item():.3e}",
-        "||E - H|| / ||E||": f"{((embedding - head).norm() / embedding.norm()).item():.3f}",
+        "||E - H|| / ||E||": f"{relative:.3f}",
         "row cosine, min": f"{row_cosine.min().item():.4f}",
         "row cosine, mean": f"{row_cosine.mean().item():.4f}",
     }
     display(pd.Series(difference, name="embedding E vs head H").to_frame())
 else:
     print(
-        f"{model_path().name}: tie_word_embeddings={config.tie_word_embeddings}; this section studies the book's model"
+        f"{model_path().name}: tie_word_embeddings={config.tie_word_embeddings}; "
+        "this section studies the book's model"
     )
 
 # %% [markdown]
@@ -230,9 +224,7 @@ else:
 
 
 # %%
-def steps_per_block(
-    matrix: torch.Tensor, rows: slice = slice(None, None, 16)
-) -> torch.Tensor:
+def steps_per_block(matrix: torch.Tensor, rows=slice(None, None, 16)) -> torch.Tensor:
     blocks = matrix[rows].reshape(-1, 32).sort(dim=-1).values
     gaps = blocks[:, 1:] - blocks[:, :-1]
     smallest = torch.where(gaps > 0, gaps, torch.inf).min(dim=-1).values
@@ -243,27 +235,11 @@ if is_book_model():
     steps = {"embedding": steps_per_block(embedding), "LM head": steps_per_block(head)}
     print({name: int(v.max()) for name, v in steps.items()})
     assert steps["embedding"].max() <= 31 < steps["LM head"].max() <= 255
+    assert row_cosine.min() > 0.998 and not torch.equal(embedding, head)
 
-    fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
-    axes[0].hist(row_cosine.numpy(), bins=60, color="#4c72b0")
-    axes[0].set(
-        title="cosine(E row, H row), every token",
-        xlabel="cosine similarity",
-        ylabel="tokens",
-    )
-    for (name, v), color in zip(steps.items(), ("#dd8452", "#55a868")):
-        axes[1].hist(
-            v.numpy(), bins=range(0, 257, 4), color=color, alpha=0.7, label=name
-        )
-    axes[1].set(
-        title="quantization steps spanned per 32-weight block",
-        xlabel="steps",
-        ylabel="blocks",
-        yscale="log",
-    )
-    axes[1].legend(fontsize=8)
-    plt.tight_layout()
-    plt.show()
+# %% tags=["hide-input"]
+if is_book_model():
+    figures.quantization_traces(row_cosine, steps)
     del embedding, head  # 1 GiB we no longer need
 
 # %% [markdown]
@@ -272,9 +248,7 @@ if is_book_model():
 # checkpoints show both cases: HF's `save_pretrained` writes the tied matrix once, and minqwen's loaded model
 # then holds one tensor under both names; the untied one keeps two tensors. Both give HF's logits exactly.
 
-# %%
-from transformers import Qwen2Config
-
+# %% tags=["hide-input"]
 tiny = dict(
     vocab_size=128,
     hidden_size=64,
@@ -299,8 +273,8 @@ for tied in (True, False):
     with torch.no_grad():
         same_logits = torch.equal(loaded(ids), reference(ids).logits)
     cases["tied" if tied else "untied"] = {
-        "tensors outside the layers in the file": ", ".join(stored),
-        "lm_head is embed_tokens": loaded.lm_head.weight is loaded.embed_tokens.weight,
+        "stored outside the layers": ", ".join(k.split(".")[-2] for k in stored),
+        "head is embedding": loaded.lm_head.weight is loaded.embed_tokens.weight,
         "parameters": sum(p.numel() for p in loaded.parameters()),
         "logits equal HF's": same_logits,
     }
@@ -308,19 +282,105 @@ cases = pd.DataFrame(cases).T
 cases
 
 # %%
+tied, untied = cases.loc["tied"], cases.loc["untied"]
+assert tied["head is embedding"] and not untied["head is embedding"]
+assert "lm_head" not in tied["stored outside the layers"]
+assert "lm_head" in untied["stored outside the layers"]
+assert tied["logits equal HF's"] and untied["logits equal HF's"]
 assert (
-    cases.loc["tied", "lm_head is embed_tokens"]
-    and not cases.loc["untied", "lm_head is embed_tokens"]
-)
-assert (
-    "lm_head.weight" not in cases.loc["tied", "tensors outside the layers in the file"]
-)
-assert cases["logits equal HF's"].all()
-assert (
-    cases.loc["untied", "parameters"] - cases.loc["tied", "parameters"]
+    untied["parameters"] - tied["parameters"]
     == tiny["vocab_size"] * tiny["hidden_size"]
 )
 
 # %% [markdown]
-# With the names mapped and the head understood, chapter 2.3 builds the tool that compares any module of minqwen
-# with its HF counterpart on HF's own inputs.
+# ## Summary
+#
+# - A safetensors header lists every tensor's name, dtype, shape and byte range, so a checkpoint's inventory costs
+#   no memory: here 12 tensors per decoder layer, plus the embedding, the final norm and the LM head.
+# - At 0.5B most of the bytes are the two vocabulary matrices; inside a layer the MLP outweighs attention, and
+#   GQA keeps the key and value projections small.
+# - HF's names become minqwen's by dropping `model.`; the map is complete and exact in both directions, and the
+#   loader refuses any missing, unexpected or mis-shaped tensor.
+# - A tied model stores one matrix for the embedding and the head. The book's model stores two, quantized
+#   differently from one original, so it must stay untied.
+#
+# ## Exercises
+#
+# ````{exercise}
+# :label: weight-map-layer-bytes
+# From `config.json` alone, compute the bytes of one decoder layer in the checkpoint's dtype. Then read the
+# safetensors header by hand (8 bytes of little-endian length, then JSON) and add up the byte ranges of layer 0's
+# tensors. Do they agree?
+# ````
+#
+# ```{solution-start} weight-map-layer-bytes
+# :class: dropdown
+# ```
+
+# %%
+import json
+import struct
+
+raw = json.loads((model_path() / "config.json").read_text())
+h, m = raw["hidden_size"], raw["intermediate_size"]
+q = raw["num_attention_heads"] * (h // raw["num_attention_heads"])
+kv = raw["num_key_value_heads"] * (h // raw["num_attention_heads"])
+numbers = (h * q + q) + 2 * (h * kv + kv) + q * h + 3 * h * m + 2 * h
+dtype = raw.get("torch_dtype") or raw["dtype"]
+itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+
+with open(checkpoints[0], "rb") as f:
+    length = struct.unpack("<Q", f.read(8))[0]
+    header = json.loads(f.read(length))
+ranges = [
+    v["data_offsets"] for k, v in header.items() if k.startswith("model.layers.0.")
+]
+from_header = sum(end - start for start, end in ranges)
+print(
+    f"from config.json: {numbers * itemsize:,} bytes; from the header: {from_header:,}"
+)
+assert numbers * itemsize == from_header
+
+# %% [markdown]
+# Attention is $hq + q$ for the query projection (weight and bias), twice $h\,kv + kv$ for keys and values, and
+# $qh$ for the output; the MLP is $3hm$; the two norms are $h$ each. Multiplied by the bytes per value of the
+# stored dtype, that is exactly the sum of layer 0's byte ranges in the header.
+#
+# ```{solution-end}
+# ```
+#
+# ````{exercise}
+# :label: weight-map-refused
+# Break the tiny untied checkpoint the way a wrong converter would: rename `k_proj` to `key_proj` in every key of
+# its file, and load it with `minqwen.Qwen2.from_pretrained`. What does the loader say?
+# ````
+#
+# ```{solution-start} weight-map-refused
+# :class: dropdown
+# ```
+
+# %%
+from safetensors.torch import load_file, save_file
+
+broken = workdir / "broken"
+broken.mkdir()
+tensors = load_file(workdir / "untied" / "model.safetensors")
+renamed = {k.replace("k_proj", "key_proj"): v for k, v in tensors.items()}
+save_file(renamed, broken / "model.safetensors", metadata={"format": "pt"})
+(broken / "config.json").write_text((workdir / "untied" / "config.json").read_text())
+try:
+    minqwen.Qwen2.from_pretrained(broken)
+except ValueError as error:
+    message = str(error).replace(str(broken), "broken")
+    print(message.replace(" | ", "\n"))
+else:
+    raise AssertionError("the loader accepted a checkpoint with renamed keys")
+assert "key_proj" in message
+
+# %% [markdown]
+# `hf_to_minqwen` maps `key_proj` to a name minqwen's model does not have, so the loader reports the unexpected
+# and the missing names and loads nothing. A shape check alone would not catch a swap of `k_proj` and `v_proj`,
+# which have the same shape here: {doc}`03_layer_probe` finds that kind of fault.
+#
+# ```{solution-end}
+# ```
