@@ -98,7 +98,7 @@ assert samples[0] != samples[1]
 # it makes below). So the references are recorded with both overrides, stated explicitly:
 
 # %%
-GREEDY = {"max_new_tokens": 48, "do_sample": False, "repetition_penalty": 1.0}
+GREEDY = {"max_new_tokens": 48, "do_sample": False}
 
 # %% [markdown]
 # The pipeline returns text. Asked with `return_tensors=True` it returns the token ids instead, which is what
@@ -134,6 +134,8 @@ def record(name: str, prompt: str) -> dict:
         "output_ids": output_ids,  # prompt + new tokens, as generate() returns them
         "text": tok.decode(output_ids[len(prompt_ids) :], skip_special_tokens=True),
         **GREEDY,
+        # not passed, so the checkpoint's, as in every later call that passes only do_sample=False
+        "repetition_penalty": model.generation_config.repetition_penalty,
         "weights_id": weights_id(),
     }
 

@@ -32,6 +32,7 @@
 # ```
 
 # %% tags=["hide-input"]
+from corpus import sample_corpus
 from figures import tokenizer as figures
 from helpers import model_path, show_source, tokenizer
 
@@ -49,7 +50,6 @@ from minqwen.tokenizer import (
     BPETokenizer,
     bytes_to_unicode,
     render_chat,
-    sample_corpus,
 )
 
 path = model_path()
