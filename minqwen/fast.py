@@ -366,14 +366,18 @@ class FastQwen2:
 
     def _capture(self, state: _DecodeState, sampling: SamplingConfig) -> torch.cuda.CUDAGraph:
         # Warm-up runs compile the functions and let their kernels pick configurations outside the capture; they
-        # write garbage into the state, which the next prefill resets.
+        # write garbage into the state, which the next prefill resets. Each starts at slot 0: a state reused after
+        # a long generation would otherwise point past the end of its cache.
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._step(state, sampling)
+                state.slot.zero_()
                 state.step.zero_()
+                self._step(state, sampling)
         torch.cuda.current_stream().wait_stream(side)
+        state.slot.zero_()
+        state.step.zero_()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             self._step(state, sampling)

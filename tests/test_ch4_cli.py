@@ -1,6 +1,7 @@
 """Chapter 4: the command line. `generate` and `chat` stream text; bad input is one line on stderr and exit code 2."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -204,3 +205,85 @@ def test_embedded_chat_from_a_pipe(embedded_path):
     assert result.returncode == 0, result.stderr
     reply = result.stdout.strip()
     assert reply and "。" not in reply and any("\u4e00" <= ch <= "\u9fff" for ch in reply)
+
+
+NO_TRANSFORMERS = """
+import sys
+from minqwen.__main__ import main
+code = main(sys.argv[1:])
+loaded = sorted(m for m in sys.modules if m.split(".")[0] == "transformers")
+print("transformers modules:", len(loaded), loaded[:3], file=sys.stderr)
+sys.exit(code if not loaded else 99)
+"""
+
+
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_generate_and_chat_run_without_transformers(tiny_checkpoint_with_tokenizer, command):
+    """minqwen's own tokenizer, chat template, model and loop: transformers is never imported."""
+    args = ["--model", str(tiny_checkpoint_with_tokenizer), "--max-new-tokens", "4"]
+    args = [command, *(["hello"] if command == "generate" else []), *args]
+    result = subprocess.run(
+        [sys.executable, "-c", NO_TRANSFORMERS, *args],
+        input="hello\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "transformers modules: 0 []" in result.stderr
+
+
+def test_fast_engine_prints_what_the_eager_loop_prints(tiny, capsys):
+    folder, _, _ = tiny
+    args = ["generate", "你好", "--model", str(folder), "--max-new-tokens", "12", "--seed", "4"]
+    outputs = []
+    for engine in ("eager", "fast"):
+        assert main([*args, "--temperature", "0.9", "--engine", engine]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1] and outputs[0].strip()
+
+
+def test_stats_reports_prefill_and_decode_speed(tiny, capsys):
+    folder, _, _ = tiny
+    assert main(["generate", "hi", "--model", str(folder), "--max-new-tokens", "6", "--stats"]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "prefill" in err[0] and "decode" in err[0] and "tok/s" in err[0]
+
+
+def test_chat_saves_and_loads_a_conversation(tiny, tmp_path, monkeypatch, capsys):
+    folder, _, _ = tiny
+    saved = tmp_path / "talk.json"
+    monkeypatch.setattr(sys, "stdin", piped(f"hello\n/save {saved}\n"))
+    common = ["chat", "--model", str(folder), "--greedy", "--max-new-tokens", "5"]
+    assert main(common) == 0
+    first_reply = capsys.readouterr().out.splitlines()[0]
+    messages = json.loads(saved.read_text())["messages"]
+    assert messages == [
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": first_reply},
+    ]
+    monkeypatch.setattr(sys, "stdin", piped("and then?\n"))
+    assert main([*common, "--load", str(saved)]) == 0
+    _, _, tokenizer = tiny
+    ids = tokenizer.apply_chat_template(
+        [*messages, {"role": "user", "content": "and then?"}],
+        add_generation_prompt=True,
+        tokenize=True,
+    )["input_ids"]
+    assert capsys.readouterr().out == expected_reply(tiny[1], tokenizer, ids, 5) + "\n"
+
+
+def test_embedded_greedy_prints_what_hf_generate_decodes(embedded_hf, embedded_tokenizer):
+    """`--greedy` is do_sample=False with the checkpoint's other defaults, as in `hf.generate`."""
+    prompt = "Write a Python function that checks whether a number is prime."
+    result = run_cli("generate", prompt, "--greedy", "--max-new-tokens", "40")
+    assert result.returncode == 0, result.stderr
+    ids = embedded_tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt"
+    )["input_ids"]
+    with torch.inference_mode():
+        out = embedded_hf.generate(
+            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=40
+        )
+    expected = embedded_tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    assert result.stdout == expected + "\n"

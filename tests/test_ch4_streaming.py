@@ -126,7 +126,9 @@ def test_stop_string_in_the_first_piece():
 def free_run(tiny, tokenizer):
     """A greedy run of the tiny model with no end token: the reference the stopped runs are cut from."""
     prompt = tokenizer("The quick brown fox", return_tensors="pt")["input_ids"]
-    new = generate(tiny, prompt, 40, eos_token_id=[])[0, prompt.shape[1] :].tolist()
+    new = generate(tiny, prompt, 40, eos_token_id=[], do_sample=False)[
+        0, prompt.shape[1] :
+    ].tolist()
     return prompt, new
 
 
@@ -198,3 +200,35 @@ def test_embedded_model_streams_chinese_without_broken_characters(
     assert not any(REPLACEMENT in c for c in chunks)
     assert "".join(chunks) == embedded_tokenizer.decode(pieces.token_ids, skip_special_tokens=True)
     assert any("\u4e00" <= ch <= "\u9fff" for ch in pieces.text)
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return minqwen.BPETokenizer.from_file(minqwen.weights.ASSETS)
+
+
+@pytest.mark.parametrize("prompt", ["你好，世界", "The quick brown fox"])
+def test_minqwens_own_tokenizer_streams_like_hfs(tiny, tokenizer, bpe, prompt):
+    """Text or ids, minqwen's BPETokenizer gives the stream HF's tokenizer gives."""
+    settings = dict(eos_token_id=[], do_sample=True, seed=5)
+    theirs = stream(tiny, tokenizer, prompt, 16, **settings)
+    ours_text = stream(tiny, bpe, prompt, 16, **settings)
+    ours_ids = stream(tiny, bpe, bpe.encode(prompt), 16, **settings)
+    expected = list(theirs)
+    assert list(ours_text) == expected and list(ours_ids) == expected
+
+
+def test_the_fast_engine_streams_what_the_eager_loop_does(tiny, bpe):
+    settings = dict(eos_token_id=[], do_sample=True, seed=2)
+    eager = stream(tiny, bpe, "Once upon a time", 20, **settings)
+    fast = stream(minqwen.FastQwen2(tiny, bucket=32), bpe, "Once upon a time", 20, **settings)
+    assert list(fast) == list(eager) and fast.token_ids == eager.token_ids
+
+
+def test_a_finished_stream_keeps_its_finish_reason(tiny, tokenizer, free_run):
+    prompt, new = free_run
+    pieces = stream(tiny, tokenizer, prompt, 40, eos_token_id=new[3])
+    text = "".join(pieces)
+    assert pieces.finish_reason == "eos"
+    assert list(pieces) == [] and pieces.finish_reason == "eos" and pieces.text == text
+    assert len(pieces.token_times) == len(pieces.token_ids)
