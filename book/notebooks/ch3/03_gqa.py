@@ -63,10 +63,9 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 import minqwen
-from minqwen.hardware import kv_cache_bytes_per_token
 from minqwen.layers import Attention
 from minqwen.rope import apply_rope, rope_cos_sin
-from minqwen.sizes import SIZES, qwen25_config
+from minqwen.sizes import SIZES, kv_cache_bytes_per_token, qwen25_config
 
 torch.manual_seed(0)
 # eager attention: the implementation that can return its attention weights
