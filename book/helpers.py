@@ -100,8 +100,8 @@ def fits_one_device(path: Path, device_bytes: int) -> bool:
     A checkpoint shaped like a released Qwen2.5 size uses that size's estimate; any other (a tiny test model) is
     judged by its weights alone, scaled from the stored dtype to DTYPE.
     """
-    from minqwen.hardware import HEADROOM, memory_estimate
-    from minqwen.sizes import DTYPE_BYTES, released_size
+    from minqwen.model.sizes import DTYPE_BYTES, released_size
+    from minqwen.tools.hardware import HEADROOM, memory_estimate
 
     config = json.loads((path / "config.json").read_text())
     dtype = str(DTYPE).removeprefix("torch.")

@@ -1,31 +1,46 @@
-"""minqwen: Qwen2.5 inference from scratch, the code the book builds chapter by chapter."""
+"""minqwen: Qwen2.5 inference from scratch, the code the book builds chapter by chapter.
 
-from .cache import DynamicKVCache, StaticKVCache
-from .config import ConfigError, ModelConfig
-from .fast import FastQwen2
-from .generate import generate, generate_tokens
-from .model import LoadError, Qwen2
-from .request import NumericalError
-from .sampling import SamplingConfig
-from .streaming import stream
-from .tokenizer import BPETokenizer, render_chat
-from .weights import FetchError, fetch
+`minqwen.model` holds the model, `minqwen.engine` drives it, `minqwen.tokenizer` and `minqwen.weights` bring text
+and checkpoints in, and `minqwen.tools` measures and checks. The names below are the public API. They load on
+first use, so that `import minqwen`, and with it the command line, starts without importing torch: a Ctrl-C or a
+bad argument is then answered before any heavy import.
+"""
 
-__all__ = [
-    "BPETokenizer",
-    "ConfigError",
-    "DynamicKVCache",
-    "FastQwen2",
-    "FetchError",
-    "LoadError",
-    "ModelConfig",
-    "NumericalError",
-    "Qwen2",
-    "SamplingConfig",
-    "StaticKVCache",
-    "fetch",
-    "generate",
-    "generate_tokens",
-    "render_chat",
-    "stream",
-]
+from __future__ import annotations
+
+import importlib
+
+_PUBLIC = {
+    "Qwen2": "minqwen.model.qwen2",
+    "LoadError": "minqwen.model.qwen2",
+    "ModelConfig": "minqwen.model.config",
+    "ConfigError": "minqwen.model.config",
+    "DynamicKVCache": "minqwen.model.cache",
+    "StaticKVCache": "minqwen.model.cache",
+    "SamplingConfig": "minqwen.engine.sampling",
+    "NumericalError": "minqwen.engine.request",
+    "generate": "minqwen.engine.generate",
+    "generate_tokens": "minqwen.engine.generate",
+    "stream": "minqwen.engine.streaming",
+    "FastQwen2": "minqwen.engine.fast",
+    "BPETokenizer": "minqwen.tokenizer",
+    "render_chat": "minqwen.tokenizer",
+    "fetch": "minqwen.weights",
+    "FetchError": "minqwen.weights",
+}
+_SUBPACKAGES = ("model", "engine", "tools", "tokenizer", "weights")
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"minqwen.{name}")
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'minqwen' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_PUBLIC, *_SUBPACKAGES})

@@ -34,15 +34,15 @@ class Parser(argparse.ArgumentParser):
 
 
 def _fetch(args) -> int:
-    from .weights import fetch
+    from minqwen.weights import fetch
 
     print(fetch(args.source))
     return 0
 
 
 def _info(args) -> int:
-    from .hardware import HEADROOM, hardware_report, memory_estimate, recommend_size
-    from .sizes import SIZES
+    from minqwen.model.sizes import SIZES
+    from minqwen.tools.hardware import HEADROOM, hardware_report, memory_estimate, recommend_size
 
     report = hardware_report()
     for key, value in report.to_dict().items():
@@ -69,7 +69,7 @@ def _info(args) -> int:
 
 def _settings(args) -> dict:
     """The sampling settings the flags pass; each one left out comes from the checkpoint, as in transformers."""
-    from .sampling import SamplingConfig
+    from minqwen.engine.sampling import SamplingConfig
 
     sampling_flags = [
         f"--{f.replace('_', '-')}" for f in SAMPLING_ONLY if getattr(args, f) is not None
@@ -100,17 +100,17 @@ class Session:
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
         self.settings = _settings(args)
-        from .hardware import check_device
+        from minqwen.tools.hardware import check_device
 
         device = check_device(args.device)
         engine = args.engine or ("fast" if device.type == "cuda" else "eager")
         import torch
 
-        from .fast import FastQwen2
-        from .model import Qwen2
-        from .sampling import SamplingConfig
-        from .tokenizer import BPETokenizer
-        from .weights import fetch
+        from minqwen.engine.fast import FastQwen2
+        from minqwen.engine.sampling import SamplingConfig
+        from minqwen.model.qwen2 import Qwen2
+        from minqwen.tokenizer import BPETokenizer
+        from minqwen.weights import fetch
 
         folder = fetch(args.model)
         self.tokenizer = BPETokenizer.from_file(folder)
@@ -121,7 +121,7 @@ class Session:
 
     def encode(self, messages: list[dict] | str) -> list[int]:
         """Chat messages through the ChatML template, or raw text as it is."""
-        from .tokenizer import render_chat
+        from minqwen.tokenizer import render_chat
 
         text = (
             messages
@@ -132,7 +132,7 @@ class Session:
 
     def reply(self, ids: list[int], seed: int | None) -> str:
         """Stream the continuation of `ids` to stdout and return its text."""
-        from .streaming import stream
+        from minqwen.engine.streaming import stream
 
         started = time.perf_counter()
         pieces = stream(
@@ -271,7 +271,7 @@ def _save_conversation(name: str, messages: list[dict]) -> None:
 
 
 def _load_conversation(name: str) -> list[dict]:
-    from .tokenizer import render_chat
+    from minqwen.tokenizer import render_chat
 
     path = Path(name).expanduser()
     try:
@@ -322,7 +322,7 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench
+    from minqwen.tools import bench
 
     parser = Parser(prog="python -m minqwen", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -361,9 +361,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        from .config import ConfigError
-        from .request import NumericalError
-        from .weights import FetchError
+        from minqwen.engine.request import NumericalError
+        from minqwen.model.config import ConfigError
+        from minqwen.weights import FetchError
 
         args = build_parser().parse_args(argv)
         try:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .sizes import INSTRUCT_GENERATION_CONFIG, check_size, qwen25_config, tensor_shapes
+from minqwen.model.sizes import INSTRUCT_GENERATION_CONFIG, check_size, qwen25_config, tensor_shapes
 
 MANIFEST = "SHA256SUMS"
 ASSETS = Path(__file__).parent / "assets" / "qwen2.5-tokenizer"

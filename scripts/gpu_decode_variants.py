@@ -1,8 +1,8 @@
-"""On a GPU: time variants of minqwen-fast's decode step, to choose what minqwen.fast ships.
+"""On a GPU: time variants of minqwen-fast's decode step, to choose what minqwen.engine.fast ships.
 
 Each variant toggles one choice: single-row projections as library matrix products or as compiled
-multiply-and-sum reductions (`minqwen.fast.SINGLE_ROW_AS_REDUCTION`), and inductor's coordinate-descent tuning of
-its kernels. Decode tok/s of each cell via minqwen.bench.measure; the first call's time includes compilation.
+multiply-and-sum reductions (`minqwen.engine.fast.SINGLE_ROW_AS_REDUCTION`), and inductor's coordinate-descent tuning of
+its kernels. Decode tok/s of each cell via minqwen.tools.bench.measure; the first call's time includes compilation.
 Earlier variants (SDPA attention, the whole step compiled) are recorded in book/data/bench/NOTES.md.
 """
 
@@ -14,8 +14,8 @@ import time
 
 import torch
 
-from minqwen import fast as fastmod
-from minqwen.bench import load_hf, measure, minqwen_from_hf
+from minqwen.engine import fast as fastmod
+from minqwen.tools.bench import load_hf, measure, minqwen_from_hf
 
 VARIANTS = {  # name: (single row as reduction, coordinate-descent tuning)
     "matmul": (False, False),

@@ -12,7 +12,7 @@ JSON lines to --out and printing one summary line:
   and degrees of freedom summed. A control with the temperature off by 1.5x must be rejected. Float32, with a random head HEAD_SCALE times larger than the model's, so that
   random weights give a distribution peaked enough for the test to tell from a wrong one.
 - `speed`: decode tok/s of greedy and sampled (the Instruct settings) runs, batch 1, prompt 128, 128 new tokens,
-  bf16, measured side by side with minqwen.bench.measure.
+  bf16, measured side by side with minqwen.tools.bench.measure.
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 
-from minqwen.bench import load_hf, measure, minqwen_from_hf
-from minqwen.fast import FastQwen2, greedy_agreement
-from minqwen.sampling import SamplingConfig, process_logits
-from minqwen.stats import chi_square
+from minqwen.engine.fast import FastQwen2, greedy_agreement
+from minqwen.engine.sampling import SamplingConfig, process_logits
+from minqwen.tools.bench import load_hf, measure, minqwen_from_hf
+from minqwen.tools.stats import chi_square
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTRUCT = dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05)

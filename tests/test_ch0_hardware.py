@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from minqwen.hardware import hardware_report, memory_estimate, recommend_size
-from minqwen.sizes import SIZES, kv_cache_bytes_per_token, parameter_count, qwen25_config
+from minqwen.model.sizes import SIZES, kv_cache_bytes_per_token, parameter_count, qwen25_config
+from minqwen.tools.hardware import hardware_report, memory_estimate, recommend_size
 
 GIB = 1 << 30
 

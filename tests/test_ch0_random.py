@@ -26,10 +26,10 @@ from transformers import (
 )
 
 import minqwen
-from minqwen.config import ModelConfig
-from minqwen.hardware import memory_estimate
-from minqwen.model import hf_to_minqwen
-from minqwen.sizes import SIZES, parameter_count, qwen25_config, released_size, tensor_shapes
+from minqwen.model.config import ModelConfig
+from minqwen.model.qwen2 import hf_to_minqwen
+from minqwen.model.sizes import SIZES, parameter_count, qwen25_config, released_size, tensor_shapes
+from minqwen.tools.hardware import memory_estimate
 
 GIB = 1 << 30
 

@@ -13,8 +13,8 @@ import torch
 from conftest import TINY_INSTRUCT_GENERATION, hf_generate, left_pad, random_prompts
 
 import minqwen
-from minqwen.hf_adapter import HFAdapter
-from minqwen.request import NumericalError, prepare
+from minqwen.engine.request import NumericalError, prepare
+from minqwen.tools.hf_adapter import HFAdapter
 
 SETTINGS = {
     "greedy": dict(do_sample=False),

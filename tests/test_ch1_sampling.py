@@ -12,7 +12,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from minqwen.sampling import (
+from minqwen.engine.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
     apply_temperature,

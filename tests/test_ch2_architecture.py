@@ -9,9 +9,9 @@ from safetensors import safe_open
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import minqwen
-from minqwen.config import ModelConfig
-from minqwen.model import LoadError, hf_to_minqwen, minqwen_to_hf
-from minqwen.sizes import SIZES, parameter_count, qwen25_config
+from minqwen.model.config import ModelConfig
+from minqwen.model.qwen2 import LoadError, hf_to_minqwen, minqwen_to_hf
+from minqwen.model.sizes import SIZES, parameter_count, qwen25_config
 
 
 def _meta_hf(size: str) -> Qwen2ForCausalLM:

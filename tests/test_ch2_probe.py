@@ -12,7 +12,7 @@ from torch import nn
 from transformers import Qwen2ForCausalLM
 
 import minqwen
-from minqwen.probe import (
+from minqwen.tools.probe import (
     ProbeError,
     capture_outputs,
     compare_layers,

@@ -13,9 +13,9 @@ from transformers.models.qwen2.modeling_qwen2 import (
     Qwen2RotaryEmbedding,
 )
 
-from minqwen.config import ModelConfig
-from minqwen.layers import MLP, Attention, DecoderLayer, RMSNorm
-from minqwen.rope import rope_cos_sin, rope_inv_freq
+from minqwen.model.config import ModelConfig
+from minqwen.model.layers import MLP, Attention, DecoderLayer, RMSNorm
+from minqwen.model.rope import rope_cos_sin, rope_inv_freq
 
 
 def configs(**overrides):

@@ -12,8 +12,8 @@ from transformers import Qwen2ForCausalLM
 
 import minqwen
 from minqwen import ConfigError, LoadError
-from minqwen.cache import DynamicKVCache
-from minqwen.model import positions_from_mask
+from minqwen.model.cache import DynamicKVCache
+from minqwen.model.qwen2 import positions_from_mask
 
 TINY_VARIANTS = {
     "gqa 2:1": {},

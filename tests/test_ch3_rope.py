@@ -10,8 +10,8 @@ from transformers import Qwen2Config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.qwen2.modeling_qwen2 import Qwen2RotaryEmbedding, apply_rotary_pos_emb
 
-from minqwen.config import ModelConfig
-from minqwen.rope import apply_rope, rope_cos_sin, rope_inv_freq, rotate_half
+from minqwen.model.config import ModelConfig
+from minqwen.model.rope import apply_rope, rope_cos_sin, rope_inv_freq, rotate_half
 
 QWEN_05B = dict(
     vocab_size=151936,

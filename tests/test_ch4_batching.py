@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import hf_generate, left_pad
 
-from minqwen.generate import generate
-from minqwen.hf_adapter import HFAdapter
-from minqwen.model import positions_from_mask
+from minqwen.engine.generate import generate
+from minqwen.model.qwen2 import positions_from_mask
+from minqwen.tools.hf_adapter import HFAdapter
 
 PROMPTS = [[5, 17, 99, 3, 42, 8, 11], [100], list(range(3, 30)), [64, 64, 64]]
 PAD = 0

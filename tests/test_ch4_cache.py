@@ -7,8 +7,8 @@ from transformers import Qwen2ForCausalLM
 
 import minqwen
 from minqwen import DynamicKVCache, StaticKVCache
-from minqwen.generate import generate
-from minqwen.hf_adapter import HFAdapter
+from minqwen.engine.generate import generate
+from minqwen.tools.hf_adapter import HFAdapter
 
 # Shapes beyond the book's: multi-query attention, tied head, many groups, a long-context rope base.
 VARIANTS = {

@@ -12,7 +12,7 @@ from transformers import AutoTokenizer
 
 import minqwen
 from minqwen.__main__ import main
-from minqwen.generate import generate
+from minqwen.engine.generate import generate
 
 
 def run_cli(*args, stdin=None):

@@ -16,10 +16,10 @@ import torch
 from conftest import left_pad, random_prompts
 
 import minqwen
-from minqwen.fast import MAX_STATES, FastQwen2, greedy_agreement
-from minqwen.request import NumericalError
-from minqwen.sampling import SamplingConfig, process_logits, sample_without_sync
-from minqwen.stats import chi_square
+from minqwen.engine.fast import MAX_STATES, FastQwen2, greedy_agreement
+from minqwen.engine.request import NumericalError
+from minqwen.engine.sampling import SamplingConfig, process_logits, sample_without_sync
+from minqwen.tools.stats import chi_square
 
 GOLDEN = Path(__file__).resolve().parents[1] / "book" / "data" / "golden"
 SETTINGS = {

@@ -6,8 +6,8 @@ from transformers import AutoTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import minqwen
-from minqwen.generate import generate
-from minqwen.streaming import REPLACEMENT, Detokenizer, StopMatcher, stream
+from minqwen.engine.generate import generate
+from minqwen.engine.streaming import REPLACEMENT, Detokenizer, StopMatcher, stream
 
 MULTI_BYTE = ["你好，世界", "龘 and 鱻", "🦜🫠🧑‍💻", "𠀀 mixed é Ω 🇯🇵!", "日本語のテキスト😀"]
 

@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.patches import FancyBboxPatch
 
-from minqwen.config import ModelConfig
+from minqwen.model.config import ModelConfig
 
 GRAY, BLUE, GREEN, ORANGE, PINK, RED = (
     "#eeeeee",

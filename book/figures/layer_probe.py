@@ -7,7 +7,7 @@ from helpers import show_figure
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from minqwen import probe
+from minqwen.tools import probe
 
 
 def diff_frame(rows) -> pd.DataFrame:

@@ -24,8 +24,13 @@ from helpers import DEVICE, show_source, stamp
 
 import pandas as pd
 
-from minqwen.hardware import HEADROOM, hardware_report, memory_estimate, recommend_size
-from minqwen.sizes import SIZES, kv_cache_bytes_per_token, parameter_count
+from minqwen.model.sizes import SIZES, kv_cache_bytes_per_token, parameter_count
+from minqwen.tools.hardware import (
+    HEADROOM,
+    hardware_report,
+    memory_estimate,
+    recommend_size,
+)
 
 report = hardware_report()
 GIB = 2**30

@@ -195,7 +195,7 @@ print("golden references:", [p.name for p in golden_files()])
 # (or multiply, if negative) those of tokens already present by 1.05 and see whether the argmax moves.
 
 # %%
-from minqwen.sampling import apply_repetition_penalty
+from minqwen.engine.sampling import apply_repetition_penalty
 
 changes = []
 for r in fresh:

@@ -16,7 +16,7 @@
 #
 # Greedy decoding always picks the most likely token. Sampling draws the next token at random from the model's
 # distribution, reshaped first by a chain of filters. The Instruct model's defaults use four of them: a
-# repetition penalty of 1.05, temperature 0.7, top-k 20 and top-p 0.8. `minqwen.sampling` implements each filter,
+# repetition penalty of 1.05, temperature 0.7, top-k 20 and top-p 0.8. `minqwen.engine.sampling` implements each filter,
 # and `minqwen.generate` puts them in a loop. The goal of this chapter is not "similar" output but **the same
 # tokens** as `torch.manual_seed(seed); model.generate(...)`, and an explanation of why that is possible at all.
 
@@ -47,7 +47,7 @@ from transformers.generation.logits_process import (
 )
 
 import minqwen
-from minqwen.sampling import (
+from minqwen.engine.sampling import (
     SamplingConfig,
     apply_repetition_penalty,
     apply_temperature,

@@ -17,7 +17,7 @@
 # Before any component is written, we need the specification the rest of the book implements: which modules a
 # Qwen2.5 model is made of, how a token's vector flows through them, and what changes between the seven released
 # sizes. Everything on this page is read off real objects: HF's `Qwen2ForCausalLM` built from the embedded model's
-# `config.json`, minqwen's own `Qwen2`, and the released configs in `minqwen.sizes`.
+# `config.json`, minqwen's own `Qwen2`, and the released configs in `minqwen.model.sizes`.
 #
 # ```{admonition} In this page
 # :class: tip
@@ -46,8 +46,8 @@ import torch
 from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
 
 import minqwen
-from minqwen.config import ModelConfig
-from minqwen.sizes import SIZES, parameter_count, qwen25_config, released_size
+from minqwen.model.config import ModelConfig
+from minqwen.model.sizes import SIZES, parameter_count, qwen25_config, released_size
 
 hf_config = AutoConfig.from_pretrained(model_path())
 with torch.device("meta"):
@@ -70,7 +70,7 @@ figures.computation_graph(config)
 # In minqwen the decoder layer is this figure written as code, two lines for the two red bypasses:
 
 # %%
-show_source(minqwen.layers.DecoderLayer.forward)
+show_source(minqwen.model.layers.DecoderLayer.forward)
 
 # %% [markdown]
 # Each line is $x \leftarrow x + f(\operatorname{norm}(x))$: the block $f$ sees a normalised copy, and its output
@@ -121,7 +121,7 @@ assert all(n.endswith((".act_fn", "rotary_emb")) for n in hf_names - our_names)
 # %% [markdown]
 # ## Seven sizes
 #
-# Every Qwen2.5 size has this same graph; only the widths and the depth change. `minqwen.sizes` is the book's
+# Every Qwen2.5 size has this same graph; only the widths and the depth change. `minqwen.model.sizes` is the book's
 # single copy of the released `config.json` values:
 
 # %%
@@ -335,7 +335,7 @@ def layer_parameters(h, n_q, n_kv, d, m):
 for size in SIZES:
     c = ModelConfig.from_dict(qwen25_config(size))
     with torch.device("meta"):
-        layer0 = minqwen.layers.DecoderLayer(c, layer_idx=0)
+        layer0 = minqwen.model.layers.DecoderLayer(c, layer_idx=0)
     ours_formula = layer_parameters(
         c.hidden_size,
         c.num_attention_heads,

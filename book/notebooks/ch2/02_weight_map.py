@@ -46,8 +46,8 @@ from safetensors import safe_open
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import minqwen
-from minqwen.config import ModelConfig
-from minqwen.model import hf_to_minqwen, minqwen_to_hf
+from minqwen.model.config import ModelConfig
+from minqwen.model.qwen2 import hf_to_minqwen, minqwen_to_hf
 
 config = ModelConfig.from_file(model_path())
 

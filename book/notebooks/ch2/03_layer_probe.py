@@ -16,7 +16,7 @@
 #
 # When minqwen's {term}`logits` disagree with HF's, the logits alone do not say why: an error in layer 3 reaches
 # every layer after it. How do we find the module where a disagreement starts? This page builds the tool the rest
-# of the book uses for that, `minqwen.probe`, and plants a fault for it to find.
+# of the book uses for that, `minqwen.tools.probe`, and plants a fault for it to find.
 #
 # ```{admonition} In this page
 # :class: tip
@@ -54,7 +54,7 @@ from IPython.display import display
 from safetensors import safe_open
 
 import minqwen
-from minqwen import probe
+from minqwen.tools import probe
 
 torch.manual_seed(0)
 hf = hf_model()

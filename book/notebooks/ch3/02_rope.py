@@ -53,8 +53,8 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 import minqwen
-from minqwen.config import ModelConfig
-from minqwen.rope import (
+from minqwen.model.config import ModelConfig
+from minqwen.model.rope import (
     apply_rope,
     default_inv_freq,
     rope_cos_sin,

@@ -63,9 +63,9 @@ from transformers.models.qwen2.modeling_qwen2 import (
 )
 
 import minqwen
-from minqwen.layers import Attention
-from minqwen.rope import apply_rope, rope_cos_sin
-from minqwen.sizes import SIZES, kv_cache_bytes_per_token, qwen25_config
+from minqwen.model.layers import Attention
+from minqwen.model.rope import apply_rope, rope_cos_sin
+from minqwen.model.sizes import SIZES, kv_cache_bytes_per_token, qwen25_config
 
 torch.manual_seed(0)
 # eager attention: the implementation that can return its attention weights
@@ -257,7 +257,7 @@ assert torch.equal(hf_again.reshape(1, seq, -1), captured["heads_out"])
 # Step by step, with minqwen's layer 0 weights and functions. The scores are $QK^\top/\sqrt{d}$, the causal
 # mask fills the scores above the diagonal with $-\infty$, and the softmax runs over the keys;
 # `repeat_interleave` hands each query head the kv head $\lfloor h / 7 \rfloor$ of its group.
-# `minqwen.layers.Attention.forward` does the same, except that it leaves scores, softmax and mixing to PyTorch's
+# `minqwen.model.layers.Attention.forward` does the same, except that it leaves scores, softmax and mixing to PyTorch's
 # fused `scaled_dot_product_attention`, compared at the end:
 
 # %%
@@ -463,7 +463,7 @@ figures.close_ups(
 #
 # ````{exercise}
 # :label: gqa-kv-cache
-# Compute the KV cache of one token, in bf16, for every Qwen2.5 size from `minqwen.sizes`, as the models store it
+# Compute the KV cache of one token, in bf16, for every Qwen2.5 size from `minqwen.model.sizes`, as the models store it
 # (GQA) and as it would be with one kv head per query head. How much does GQA save for each size?
 # ````
 #

@@ -51,8 +51,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from minqwen.config import ModelConfig
-from minqwen.layers import MLP
+from minqwen.model.config import ModelConfig
+from minqwen.model.layers import MLP
 
 torch.manual_seed(0)
 hf = AutoModelForCausalLM.from_pretrained(model_path(), dtype=DTYPE).to(DEVICE).eval()

@@ -49,8 +49,8 @@ import pandas as pd
 import torch
 from transformers import AutoModelForCausalLM
 
-from minqwen.config import ModelConfig
-from minqwen.layers import RMSNorm, rms_norm
+from minqwen.model.config import ModelConfig
+from minqwen.model.layers import RMSNorm, rms_norm
 
 torch.manual_seed(0)
 hf = AutoModelForCausalLM.from_pretrained(model_path(), dtype=DTYPE).to(DEVICE).eval()

@@ -58,10 +58,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import minqwen
-from minqwen import config, layers, model, rope
-from minqwen.layers import DecoderLayer
-from minqwen.model import positions_from_mask
-from minqwen.probe import compare_layers, format_table, rows_as_dicts
+from minqwen.model import config, layers, qwen2, rope
+from minqwen.model.layers import DecoderLayer
+from minqwen.model.qwen2 import positions_from_mask
+from minqwen.tools.probe import compare_layers, format_table, rows_as_dicts
 
 _ = torch.manual_seed(0)
 
@@ -90,11 +90,11 @@ show_source(minqwen.Qwen2)
 # transformers:
 
 # %% tags=["hide-input"]
-forward_modules = (model, layers, rope, config)
+forward_modules = (qwen2, layers, rope, config)
 
 
 def imported_packages(module) -> set[str]:
-    """Top-level packages a module imports, less its own (relative) imports."""
+    """Top-level packages a module imports, other than minqwen itself."""
     tree = ast.parse(inspect.getsource(module))
     found = {
         alias.name.split(".")[0]
@@ -107,7 +107,7 @@ def imported_packages(module) -> set[str]:
         for node in ast.walk(tree)
         if isinstance(node, ast.ImportFrom) and node.level == 0
     }
-    return found - {"__future__"}
+    return found - {"__future__", "minqwen"}
 
 
 imports = {m.__name__: sorted(imported_packages(m)) for m in forward_modules}
@@ -125,13 +125,13 @@ assert not any("transformers" in names for names in imports.values())
 # what the config implies before assigning anything. The name map is one rule, HF's `model.` prefix goes:
 
 # %%
-show_source(minqwen.model.hf_to_minqwen)
+show_source(minqwen.model.qwen2.hf_to_minqwen)
 
 # %%
 ours = minqwen.Qwen2.from_pretrained(model_path(), dtype=DTYPE, device=DEVICE)
 hf = AutoModelForCausalLM.from_pretrained(model_path(), dtype=DTYPE).to(DEVICE).eval()
 ours_names = set(ours.state_dict())
-hf_names = {minqwen.model.hf_to_minqwen(n) for n in hf.state_dict()}
+hf_names = {minqwen.model.qwen2.hf_to_minqwen(n) for n in hf.state_dict()}
 parameters = sum(p.numel() for p in ours.parameters())
 print(
     f"{len(ours_names)} tensors, {parameters / 1e6:.1f}M parameters, "
@@ -194,7 +194,7 @@ assert alone_stats["max_rel"] <= tolerance("forward")
 #
 # ## Module by module
 #
-# `minqwen.probe.compare_layers` hooks the embedding, each decoder layer, the final norm and the head in both
+# `minqwen.tools.probe.compare_layers` hooks the embedding, each decoder layer, the final norm and the head in both
 # models and diffs their outputs. Were a component wrong, the first row off would say where.
 
 # %%

@@ -39,8 +39,8 @@ import pandas as pd
 import torch
 from transformers.utils import logging as hf_logging
 
-from minqwen.hardware import memory_estimate
-from minqwen.sizes import SIZES, kv_cache_bytes_per_token, qwen25_config
+from minqwen.model.sizes import SIZES, kv_cache_bytes_per_token, qwen25_config
+from minqwen.tools.hardware import memory_estimate
 
 hf_logging.disable_progress_bar()
 model, tok = hf_model(), tokenizer()

@@ -76,7 +76,7 @@ show_source(DynamicKVCache)
 # over what comes back.
 
 # %%
-show_source(minqwen.layers.Attention.forward)
+show_source(minqwen.model.layers.Attention.forward)
 
 # %% [markdown]
 # The model passes the cache to every layer. Without explicit positions it numbers the new tokens from

@@ -45,7 +45,7 @@ import torch
 from transformers.utils import logging as hf_logging
 
 import minqwen
-from minqwen.model import positions_from_mask
+from minqwen.model.qwen2 import positions_from_mask
 
 hf_logging.disable_progress_bar()
 ours = minqwen.Qwen2.from_pretrained(model_path(), dtype=DTYPE, device=DEVICE)

@@ -40,7 +40,7 @@ import pandas as pd
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 import minqwen
-from minqwen.streaming import REPLACEMENT, Detokenizer, StopMatcher, stream
+from minqwen.engine.streaming import REPLACEMENT, Detokenizer, StopMatcher, stream
 
 tok = tokenizer()
 
@@ -111,7 +111,7 @@ assert matcher.stopped
 # nobody reads.
 
 # %%
-show_source(minqwen.streaming.Stream)
+show_source(minqwen.engine.streaming.Stream)
 
 # %%
 ours = minqwen.Qwen2.from_pretrained(model_path(), dtype=DTYPE, device=DEVICE)

@@ -40,8 +40,8 @@ import pandas as pd
 import torch
 
 import minqwen
-from minqwen import bench
-from minqwen.fast import FastQwen2
+from minqwen.tools import bench
+from minqwen.engine.fast import FastQwen2
 
 runs = pd.DataFrame(
     json.loads(line)
@@ -191,7 +191,7 @@ sweep.pivot_table(
 # %% [markdown]
 # ## What the fast path does
 #
-# `minqwen.fast.FastQwen2` wraps a loaded `Qwen2` without changing it. Four moves:
+# `minqwen.engine.fast.FastQwen2` wraps a loaded `Qwen2` without changing it. Four moves:
 #
 # 1. **Fused projections**: q, k, v become one matrix, gate and up another.
 # 2. **A static, bucketed KV cache** written in place with `index_copy_` at a slot held in a device tensor, so every
@@ -206,7 +206,7 @@ sweep.pivot_table(
 # rows, so each cached key and value is read once.
 
 # %%
-show_source(minqwen.fast.decode_layer)
+show_source(minqwen.engine.fast.decode_layer)
 
 # %% [markdown]
 # At batch 1, under the compiler, every projection is written as multiply-and-sum, so inductor turns it into one
@@ -214,7 +214,7 @@ show_source(minqwen.fast.decode_layer)
 # in `book/data/bench/` records each attempt, its prediction and its outcome, including the variants this beat.
 
 # %%
-show_source(minqwen.fast.linear)
+show_source(minqwen.engine.fast.linear)
 
 # %% [markdown]
 # ### Same tokens as the eager loop?

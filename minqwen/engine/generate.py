@@ -5,10 +5,10 @@ its position offset by what the cache already holds. `use_cache=False` is the na
 whole sequence again. Batches are left-padded with an `attention_mask`; positions count real tokens only, so each
 row generates exactly what it would alone.
 
-The loop mirrors transformers' `generate()` step for step: the same defaults (`minqwen.request`), float32 logits,
-the processors of `minqwen.sampling` and finished rows padded. For the same seed it gives the same tokens.
+The loop mirrors transformers' `generate()` step for step: the same defaults (`minqwen.engine.request`), float32 logits,
+the processors of `minqwen.engine.sampling` and finished rows padded. For the same seed it gives the same tokens.
 It drives any model with minqwen's interface: `Qwen2`, or a transformers model wrapped in
-`minqwen.hf_adapter.HFAdapter`.
+`minqwen.tools.hf_adapter.HFAdapter`.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from collections.abc import Iterator
 
 import torch
 
-from .request import GenerationRequest, NumericalError, prepare
-from .sampling import process_logits, select_next_token
+from minqwen.engine.request import GenerationRequest, NumericalError, prepare
+from minqwen.engine.sampling import process_logits, select_next_token
 
 
 def generate_tokens(
@@ -26,7 +26,7 @@ def generate_tokens(
 ) -> Iterator[torch.LongTensor]:
     """Yield the next token of every row, [batch], one step at a time.
 
-    `settings` are those of `minqwen.request.prepare`: do_sample, temperature, top_k, top_p, min_p,
+    `settings` are those of `minqwen.engine.request.prepare`: do_sample, temperature, top_k, top_p, min_p,
     repetition_penalty, seed, attention_mask, eos_token_id and pad_token_id. Each one left out takes the
     checkpoint's generation_config.json value, as in transformers. Every argument is checked here, before the first
     forward pass. Rows that have finished emit the pad id until every row is done, then the iterator stops.

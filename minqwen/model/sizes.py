@@ -2,8 +2,8 @@
 
 The hub is out of reach from where this book is built, so the numbers are written down here once. This module
 is also the one home of size arithmetic: the tensors a config implies, its parameter count, the bytes one decode
-step reads, the KV-cache bytes per token and the FLOPs of a prefill. Size advice (`minqwen.hardware`), the
-benchmark's roofline (`minqwen.bench`) and `random:<size>` checkpoints (`minqwen.weights`) all read them here.
+step reads, the KV-cache bytes per token and the FLOPs of a prefill. Size advice (`minqwen.tools.hardware`), the
+benchmark's roofline (`minqwen.tools.bench`) and `random:<size>` checkpoints (`minqwen.weights`) all read them here.
 Each function takes a size ("7B"), a config.json dict or a `ModelConfig`.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from math import prod
 
-from .config import ModelConfig
+from minqwen.model.config import ModelConfig
 
 SIZES = ("0.5B", "1.5B", "3B", "7B", "14B", "32B", "72B")
 

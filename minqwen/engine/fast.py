@@ -17,10 +17,10 @@ for the host. This engine removes that overhead, in four moves:
   layer, the head and the sampler, is captured as one CUDA graph and replayed for each new token. Prompt lengths
   are bucketed (`bucket` positions at a time), so any prompt in a bucket reuses the graph.
 
-It takes the arguments of `minqwen.generate`, resolved by the same `minqwen.request.prepare`, so defaults, end
+It takes the arguments of `minqwen.generate`, resolved by the same `minqwen.engine.request.prepare`, so defaults, end
 tokens, padding and input checks are those of the eager loop. On a CPU the step runs eagerly (no compiler, no
 graph) with the eager loop's own processors and `torch.multinomial`: its tokens equal `minqwen.generate`'s for
-the same seed. On CUDA the sampler is `minqwen.sampling.sample_without_sync`: the same distribution, other draws.
+the same seed. On CUDA the sampler is `minqwen.engine.sampling.sample_without_sync`: the same distribution, other draws.
 """
 
 from __future__ import annotations
@@ -32,17 +32,17 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from .layers import attend, rms_norm
-from .model import Qwen2
-from .request import GenerationRequest, NumericalError, prepare
-from .rope import apply_rope, rope_cos_sin
-from .sampling import (
+from minqwen.engine.request import GenerationRequest, NumericalError, prepare
+from minqwen.engine.sampling import (
     SamplingConfig,
     process_logits,
     sample_without_sync,
     seen_tokens,
     select_next_token,
 )
+from minqwen.model.layers import attend, rms_norm
+from minqwen.model.qwen2 import Qwen2
+from minqwen.model.rope import apply_rope, rope_cos_sin
 
 # Reading the finished flags back is a host sync, so it happens this often, not every token.
 FINISHED_CHECK_EVERY = 16
@@ -83,7 +83,7 @@ def fuse_layer(layer) -> LayerWeights:
 
 
 # The layer math takes plain tensors, not modules, so a compiled layer sees the same inputs for every layer and
-# compiles once. RMSNorm, RoPE and SwiGLU are those of minqwen.layers, operation for operation.
+# compiles once. RMSNorm, RoPE and SwiGLU are those of minqwen.model.layers, operation for operation.
 
 
 # A single row times a matrix is a matrix-vector product: pure weight reading. Written as multiply-and-sum, the
@@ -468,7 +468,7 @@ def greedy_agreement(
     A gap of a few rounding steps means the two paths only rounded differently. Both run greedy with no
     repetition penalty, so the tokens are the logits' own choices.
     """
-    from .generate import generate
+    from minqwen.engine.generate import generate
 
     plain = dict(do_sample=False, repetition_penalty=1.0, eos_token_id=[])
     eager = generate(model, input_ids, max_new_tokens, attention_mask=attention_mask, **plain)

@@ -14,10 +14,10 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from .cache import DynamicKVCache
-from .config import ModelConfig
-from .layers import DecoderLayer, RMSNorm
-from .rope import rope_cos_sin, rope_inv_freq
+from minqwen.model.cache import DynamicKVCache
+from minqwen.model.config import ModelConfig
+from minqwen.model.layers import DecoderLayer, RMSNorm
+from minqwen.model.rope import rope_cos_sin, rope_inv_freq
 
 
 class LoadError(ValueError):

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import ModelConfig
-from .sampling import SamplingConfig
+from minqwen.engine.sampling import SamplingConfig
+from minqwen.model.config import ModelConfig
 
 
 class NumericalError(RuntimeError):

@@ -12,7 +12,13 @@ from dataclasses import asdict, dataclass
 import psutil
 import torch
 
-from .sizes import SIZES, dtype_bytes, kv_cache_bytes_per_token, parameter_count, qwen25_config
+from minqwen.model.sizes import (
+    SIZES,
+    dtype_bytes,
+    kv_cache_bytes_per_token,
+    parameter_count,
+    qwen25_config,
+)
 
 HEADROOM = 0.9  # allocator fragmentation, CUDA context and library buffers take the rest
 

@@ -31,10 +31,9 @@ from pathlib import Path
 
 import torch
 
-from .config import ModelConfig
-from .hf_adapter import config_of
-from .model import Qwen2, hf_to_minqwen
-from .sizes import (
+from minqwen.model.config import ModelConfig
+from minqwen.model.qwen2 import Qwen2, hf_to_minqwen
+from minqwen.model.sizes import (
     DTYPE_BYTES,
     SIZES,
     kv_cache_bytes_per_token,
@@ -42,6 +41,7 @@ from .sizes import (
     qwen25_config,
     weight_bytes_per_step,
 )
+from minqwen.tools.hf_adapter import config_of
 
 IMPLS = ("hf-eager", "hf-static-compile", "minqwen-eager", "minqwen-fast")
 KEYS = (
@@ -100,7 +100,7 @@ def load_hf(model: str, device, dtype, seed: int = 0):
         with torch.device(device):
             hf = AutoModelForCausalLM.from_config(Qwen2Config(**qwen25_config(model)), dtype=dtype)
     else:
-        from .weights import fetch
+        from minqwen.weights import fetch
 
         hf = AutoModelForCausalLM.from_pretrained(fetch(model), dtype=dtype).to(device)
     return hf.eval().requires_grad_(False)
@@ -143,7 +143,7 @@ def _hf_generate(hf, static: bool):
 
 
 def _minqwen_eager(model):
-    from .generate import generate
+    from minqwen.engine.generate import generate
 
     return lambda ids, new_tokens: generate(
         model, ids, new_tokens, do_sample=False, eos_token_id=[]
@@ -282,7 +282,7 @@ def device_label(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    from .hardware import hardware_report
+    from minqwen.tools.hardware import hardware_report
 
     return hardware_report().cpu
 
@@ -409,7 +409,7 @@ def run_bench(
                 torch._dynamo.reset()
                 gc.collect()
             if impl == "minqwen-fast":
-                from .fast import FastQwen2
+                from minqwen.engine.fast import FastQwen2
 
                 fast, ours = FastQwen2(ours, bucket=bucket), None
             if impl.startswith("hf"):
@@ -518,7 +518,7 @@ def add_arguments(parser) -> None:
 
 
 def cli(args) -> int:
-    from .hardware import check_device
+    from minqwen.tools.hardware import check_device
 
     if args.new_tokens < 2:
         raise ValueError(

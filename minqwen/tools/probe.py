@@ -29,10 +29,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .layers import MLP, Attention, DecoderLayer, RMSNorm
-from .model import positions_from_mask
+from minqwen.model.layers import MLP, Attention, DecoderLayer, RMSNorm
+from minqwen.model.qwen2 import positions_from_mask
 
-FORMAT = "minqwen.probe/1"
+FORMAT = "minqwen.tools.probe/1"
 
 
 class ProbeError(ValueError):
@@ -237,7 +237,7 @@ def load_recording(path: str | Path) -> dict[str, Recording]:
     path = Path(path)
     if not path.is_file():
         raise ProbeError(
-            f"{path} does not exist; write it first with minqwen.probe.record(model, names, path, ...)"
+            f"{path} does not exist; write it first with minqwen.tools.probe.record(model, names, path, ...)"
         )
     try:
         with safe_open(path, framework="pt", device="cpu") as f:
@@ -250,7 +250,7 @@ def load_recording(path: str | Path) -> dict[str, Recording]:
     meta = json.loads(metadata.get("probe", "{}"))
     if meta.get("format") != FORMAT:
         raise ProbeError(
-            f"{path} is a safetensors file but not a probe recording; write one with minqwen.probe.record"
+            f"{path} is a safetensors file but not a probe recording; write one with minqwen.tools.probe.record"
         )
     return {
         name: Recording(

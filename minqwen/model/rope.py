@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .config import ModelConfig
+from minqwen.model.config import ModelConfig
 
 
 def default_inv_freq(head_dim: int, theta: float) -> torch.Tensor:

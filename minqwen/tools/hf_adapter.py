@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import SAMPLING_SETTINGS, ModelConfig
+from minqwen.model.config import SAMPLING_SETTINGS, ModelConfig
 
 
 def config_of(model) -> ModelConfig:

@@ -18,8 +18,8 @@ from functools import partial
 
 import torch
 
-from .generate import generate_tokens
-from .tokenizer import BPETokenizer
+from minqwen.engine.generate import generate_tokens
+from minqwen.tokenizer import BPETokenizer
 
 REPLACEMENT = "\ufffd"
 

@@ -1,0 +1,2 @@
+"""Tools around the engine: the benchmark, the layer probe, the hardware report and size advice, the chi-square
+test of samplers, and an adapter that lets the engine drive a transformers model."""
