@@ -50,6 +50,8 @@ if _dtype not in ("float32", "bfloat16"):
     raise ValueError(f"MINQWEN_DTYPE={_dtype!r}: use float32 or bfloat16")
 DTYPE = getattr(torch, _dtype)
 
+# Pages that build tiny checkpoints on purpose load them without a manifest; the warning would only repeat that.
+warnings.filterwarnings("ignore", category=minqwen.weights.UnverifiedCheckpointWarning)
 transformers_logging.set_verbosity_error()
 transformers_logging.disable_progress_bar()
 

@@ -12,7 +12,7 @@ import importlib
 
 _PUBLIC = {
     "Qwen2": "minqwen.model.qwen2",
-    "LoadError": "minqwen.model.qwen2",
+    "LoadError": "minqwen.model.config",
     "ModelConfig": "minqwen.model.config",
     "ConfigError": "minqwen.model.config",
     "DynamicKVCache": "minqwen.model.cache",

@@ -34,9 +34,20 @@ class Parser(argparse.ArgumentParser):
 
 
 def _fetch(args) -> int:
+    """Fetch and verify a checkpoint, and read its configs and tokenizer as generate would load them."""
+    from minqwen.engine.sampling import SamplingConfig
+    from minqwen.model.config import ModelConfig
+    from minqwen.tokenizer import BPETokenizer
     from minqwen.weights import fetch
 
-    print(fetch(args.source))
+    folder = fetch(args.source, trust=args.trust)
+    defaults = ModelConfig.from_file(folder).sampling_defaults
+    try:
+        SamplingConfig.resolve(defaults)
+    except ValueError as error:
+        raise ValueError(f"{folder / 'generation_config.json'}: {error}") from None
+    BPETokenizer.from_file(folder)
+    print(folder)
     return 0
 
 
@@ -112,7 +123,7 @@ class Session:
         from minqwen.tokenizer import BPETokenizer
         from minqwen.weights import fetch
 
-        folder = fetch(args.model)
+        folder = fetch(args.model, trust=True)  # a folder without a manifest loads with a warning
         self.tokenizer = BPETokenizer.from_file(folder)
         model = Qwen2.from_pretrained(folder, dtype=getattr(torch, args.dtype), device=device)
         SamplingConfig.resolve(model.config.sampling_defaults, **self.settings)
@@ -332,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="embedded",
         help="embedded, embedded-1.5b, random:<size>, a hub id or a folder",
+    )
+    p.add_argument(
+        "--trust",
+        action="store_true",
+        help="accept a folder that has no SHA256SUMS manifest, unverified",
     )
     p.set_defaults(run=_fetch)
     p = commands.add_parser("info", help="hardware report and the largest size that fits")

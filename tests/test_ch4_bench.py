@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from minqwen.tools import bench
 from minqwen.model.config import ModelConfig
 from minqwen.model.sizes import parameter_count, prefill_flops, qwen25_config, weight_bytes_per_step
+from minqwen.tools import bench
 
 
 def config(size: str) -> ModelConfig:

@@ -407,7 +407,11 @@ class FastQwen2:
     def _choose(self, logits, state: _DecodeState, sampling: SamplingConfig) -> torch.Tensor:
         if self.use_graphs:
             return sample_without_sync(logits, state.seen, sampling)
-        # Without graphs, the eager loop's own processors and draw: the same tokens for the same seed.
+        # Without graphs, the eager loop's own processors and draw: the same tokens for the same seed. Its draw
+        # would fail on NaN probabilities, so broken logits are named here, as the eager loop names them.
+        if not bool(torch.isfinite(logits).all()):
+            state.first_nonfinite.copy_(state.step)
+            self._check_finite(state)
         return select_next_token(process_logits(logits, None, sampling, seen=state.seen), sampling)
 
     def _prefill(self, state: _DecodeState, request: GenerationRequest) -> None:

@@ -21,7 +21,11 @@ _REQUIRED = (
 )
 
 
-class ConfigError(ValueError):
+class LoadError(ValueError):
+    """A checkpoint's file is missing, unreadable or corrupt, or its tensors do not match its config.json."""
+
+
+class ConfigError(LoadError):
     """config.json describes a model minqwen cannot run, or lacks a key it needs."""
 
 
@@ -74,6 +78,7 @@ class ModelConfig:
             raise ConfigError(
                 f"{source} lacks {', '.join(missing)}; a Qwen2 config.json needs all of {', '.join(_REQUIRED)}"
             )
+        _check_sizes(raw, source)
         if raw.get("model_type", "qwen2") != "qwen2":
             raise ConfigError(
                 f"{source} is model_type {raw['model_type']!r}; minqwen runs Qwen2 / Qwen2.5 (qwen2) only"
@@ -139,17 +144,33 @@ class ModelConfig:
         )
 
 
-def read_json(path: Path) -> dict:
-    """A JSON object from `path`, or a ConfigError that names the file and what is wrong with it."""
+def read_json(path: Path, error: type[LoadError] = ConfigError) -> dict:
+    """A JSON object from `path`, or an `error` that names the file and what is wrong with it."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ConfigError(
-            f"{path} is not valid JSON ({error}); restore the file or fetch the checkpoint again"
+    except (UnicodeDecodeError, json.JSONDecodeError) as problem:
+        raise error(
+            f"{path} is not valid JSON ({problem}); restore the file or fetch the checkpoint again"
         ) from None
     if not isinstance(value, dict):
-        raise ConfigError(f"{path} holds a JSON {type(value).__name__}, not an object of settings")
+        raise error(
+            f"{path} holds a JSON {type(value).__name__}, not an object; restore the file or fetch the "
+            f"checkpoint again"
+        )
     return value
+
+
+def _check_sizes(raw: dict, source: str) -> None:
+    """Every size a positive integer and the norm's epsilon a positive number, before any arithmetic on them."""
+    for key in _REQUIRED:
+        value = raw[key]
+        if key == "rms_norm_eps":
+            valid = _positive_number(value)
+        else:
+            valid = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        if not valid:
+            kind = "a positive number" if key == "rms_norm_eps" else "a positive integer"
+            raise ConfigError(f"{source} sets {key}={value!r}; it must be {kind}")
 
 
 def _rope(raw: dict, source: str) -> tuple[float, dict | None]:
@@ -166,6 +187,8 @@ def _rope(raw: dict, source: str) -> tuple[float, dict | None]:
         raise ConfigError(
             f"{source} sets no rope_theta (top level or in rope_parameters); Qwen2.5 uses 1000000.0"
         )
+    if not _positive_number(theta):
+        raise ConfigError(f"{source} sets rope_theta={theta!r}; it must be a positive number")
     # A legacy rope_scaling replaces rope_parameters' scaling, as in transformers; only rope_theta carries over.
     merged = {
         key: value
@@ -183,12 +206,25 @@ def _rope(raw: dict, source: str) -> tuple[float, dict | None]:
         "original_max_position_embeddings",
         merged.get("original_max_position_embeddings") or raw["max_position_embeddings"],
     )
+    original = merged["original_max_position_embeddings"]
+    if not isinstance(original, int) or isinstance(original, bool) or original < 1:
+        raise ConfigError(
+            f"{source} sets original_max_position_embeddings={original!r}; it must be a positive integer"
+        )
     if merged.get("factor") is None:
         merged["factor"] = (
             raw["max_position_embeddings"] / merged["original_max_position_embeddings"]
+        )
+    if not _positive_number(merged["factor"]):
+        raise ConfigError(
+            f"{source} sets the {rope_type} factor to {merged['factor']!r}; it must be a number >= 1"
         )
     if merged["factor"] < 1:
         raise ConfigError(
             f"{source}: YaRN factor {merged['factor']} is below 1; YaRN only stretches the context"
         )
     return float(theta), {"rope_type": rope_type, **merged}
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0

@@ -1,27 +1,24 @@
 """Qwen2 from scratch: embedding, N decoder layers, final norm, LM head, and a loader with an explicit name map.
 
 No transformers code runs here. `Qwen2.from_pretrained(folder)` reads the safetensors of a Hugging Face checkpoint
-and fails on any missing, unexpected or mis-shaped tensor.
+and fails on any missing, unexpected, mis-shaped or non-finite tensor.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 import re
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from minqwen.model.cache import DynamicKVCache
-from minqwen.model.config import ModelConfig
+from minqwen.model.config import LoadError, ModelConfig, read_json
 from minqwen.model.layers import DecoderLayer, RMSNorm
 from minqwen.model.rope import rope_cos_sin, rope_inv_freq
-
-
-class LoadError(ValueError):
-    """The checkpoint's tensors do not match the model the config describes."""
+from minqwen.weights import verify_checkpoint
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -108,23 +105,31 @@ class Qwen2(nn.Module):
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
     ):
+        """Qwen2 with the weights of the Hugging Face checkpoint folder `path`.
+
+        The folder is first checked against its SHA256SUMS manifest (a folder without one loads with a warning).
+        Every fault (a bad config, a corrupt or truncated file, a missing, unexpected, mis-shaped or non-finite
+        tensor) is a LoadError or ConfigError that names the file.
+        """
         path = Path(path)
+        verify_checkpoint(path, trust=True)
         config = ModelConfig.from_file(path)
         with torch.device("meta"):
             model = cls(config)
         expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
         if config.tie_word_embeddings:
             expected.pop("lm_head.weight")
-        state = {}
+        state, origin = {}, {}
         for file in _safetensors_files(path):
-            with safe_open(file, framework="pt", device="cpu") as f:
+            with _open_safetensors(file) as f:
                 for hf_name in f.keys():
                     name = hf_to_minqwen(hf_name)
                     if config.tie_word_embeddings and name == "lm_head.weight":
                         continue  # some tied checkpoints store the head anyway; the embedding is the truth
-                    state[name] = f.get_tensor(hf_name)
+                    state[name], origin[name] = f.get_tensor(hf_name), file
         _check_state(state, expected, path)
         state = {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
+        _check_finite(state, origin)
         model.load_state_dict(state, strict=False, assign=True)
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
@@ -150,14 +155,60 @@ def minqwen_to_hf(name: str) -> str:
 def _safetensors_files(path: Path) -> list[Path]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
+        weight_map = read_json(index, LoadError).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(n, str) for n in weight_map.values()
+        ):
+            raise LoadError(
+                f"{index} has no weight_map of tensor names to file names; restore the file or fetch the "
+                f"checkpoint again"
+            )
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [file.name for file in files if not file.is_file()]
+        if missing:
+            raise LoadError(
+                f"{index} names {', '.join(missing)}, which {path} lacks; copy the missing shards or fetch "
+                f"the checkpoint again"
+            )
+        return files
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise LoadError(
             f"{path} holds no *.safetensors file; fetch the checkpoint with minqwen.fetch"
         )
     return files
+
+
+@contextlib.contextmanager
+def _open_safetensors(file: Path):
+    """safe_open, whose errors (a truncated file, a corrupt header) become a LoadError naming the file."""
+    try:
+        handle = safe_open(file, framework="pt", device="cpu")
+    except (SafetensorError, OSError) as error:
+        raise LoadError(
+            f"{file} is not a readable safetensors file ({error}); it is truncated or corrupt. Delete the "
+            f"checkpoint folder and fetch it again"
+        ) from None
+    with handle as f:
+        yield f
+
+
+def _check_finite(state: dict[str, torch.Tensor], origin: dict[str, Path]) -> None:
+    """Reject a NaN or infinite weight, which would turn every logit it touches into NaN."""
+    for name, tensor in state.items():
+        # One float32 sum finds any NaN or inf at the cost of a read; the exact test runs only if it overflowed.
+        if torch.sum(tensor, dtype=torch.float32).isfinite() or tensor.isfinite().all():
+            continue
+        bad = int((~tensor.isfinite()).sum())
+        fix = (
+            "float16 stops at 65504: load in bfloat16 or float32, or fetch the checkpoint again"
+            if tensor.dtype == torch.float16
+            else "the checkpoint is corrupt. Fetch it again, or fix the tensor where it was made"
+        )
+        raise LoadError(
+            f"tensor {minqwen_to_hf(name)} in {origin[name]} holds {bad:,} NaN or infinite value(s) as "
+            f"{str(tensor.dtype).removeprefix('torch.')}; {fix}"
+        )
 
 
 def _check_state(state: dict, expected: dict, path: Path) -> None:

@@ -102,7 +102,7 @@ def load_hf(model: str, device, dtype, seed: int = 0):
     else:
         from minqwen.weights import fetch
 
-        hf = AutoModelForCausalLM.from_pretrained(fetch(model), dtype=dtype).to(device)
+        hf = AutoModelForCausalLM.from_pretrained(fetch(model, trust=True), dtype=dtype).to(device)
     return hf.eval().requires_grad_(False)
 
 

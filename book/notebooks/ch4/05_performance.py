@@ -40,8 +40,8 @@ import pandas as pd
 import torch
 
 import minqwen
-from minqwen.tools import bench
 from minqwen.engine.fast import FastQwen2
+from minqwen.tools import bench
 
 runs = pd.DataFrame(
     json.loads(line)
