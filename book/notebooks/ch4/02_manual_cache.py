@@ -88,7 +88,7 @@ show_source(DynamicKVCache)
 # what comes back.
 
 # %%
-show_source(minqwen.model.qwen2.layers.Attention.forward)
+show_source(minqwen.model.layers.Attention.forward)
 
 # %% [markdown]
 # The model passes the cache to every layer. Without explicit positions it numbers the new tokens from
