@@ -22,6 +22,8 @@ from pathlib import Path
 import pytest
 from conftest import make_tiny_checkpoint
 
+import minqwen
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 HUB_MODEL = "Qwen/Qwen2.5-7B-Instruct"
@@ -165,7 +167,11 @@ def _seed_hub_cache(hf_home: Path) -> Path:
     repo = hf_home / "hub" / f"models--{HUB_MODEL.replace('/', '--')}"
     snapshot = repo / "snapshots" / ("0" * 40)
     snapshot.mkdir(parents=True)
-    make_tiny_checkpoint(snapshot)
+    make_tiny_checkpoint(
+        snapshot, vocab_size=151936, bos_token_id=151643, eos_token_id=151645, pad_token_id=151643
+    )
+    for file in minqwen.weights.ASSETS.iterdir():  # a real snapshot carries its tokenizer
+        shutil.copy(file, snapshot / file.name)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0" * 40)
     return snapshot

@@ -136,8 +136,11 @@ class Stream:
             yield self._stop.feed(self._detokenizer.flush())
             yield self._stop.flush()
         finally:
-            # Closing the generator ends generation at once, instead of computing tokens nobody reads.
-            self._tokens.close()
+            # Closing the generator ends generation at once, instead of computing tokens nobody reads; a plain
+            # iterator has nothing to close.
+            close = getattr(self._tokens, "close", None)
+            if close is not None:
+                close()
 
 
 def stream(
