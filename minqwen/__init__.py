@@ -32,6 +32,20 @@ _SUBPACKAGES = ("model", "engine", "tools", "tokenizer", "weights")
 __all__ = sorted(_PUBLIC)
 
 
+def submodules_on_demand(package: str):
+    """A module `__getattr__` that imports `package.name` the first time `package.name` is used."""
+
+    def __getattr__(name: str):
+        try:
+            return importlib.import_module(f"{package}.{name}")
+        except ModuleNotFoundError as error:
+            if error.name != f"{package}.{name}":
+                raise  # a dependency of that module is missing: say so, not that the name is
+            raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
+
+    return __getattr__
+
+
 def __getattr__(name: str):
     if name in _SUBPACKAGES:
         return importlib.import_module(f"minqwen.{name}")

@@ -2,3 +2,7 @@
 
 It knows nothing of how it is driven: `minqwen.engine` drives it, one forward pass at a time.
 """
+
+from minqwen import submodules_on_demand
+
+__getattr__ = submodules_on_demand(__name__)

@@ -33,3 +33,18 @@ def test_pages_ask_nothing_of_a_cdn():
             r'<(?:script|link|img)[^>]+(?:src|href)="((?:https?:)?//[^"]+)"', page.read_text()
         )
         assert not remote, f"{page.relative_to(site)} loads {remote}"
+
+
+def test_the_package_page_shows_every_module():
+    """book/package.md includes the source of every module of minqwen, so the site carries the whole code."""
+    page = (BOOK / "package.md").read_text()
+    included = set(re.findall(r"\{literalinclude\} \.\./(minqwen/\S+\.py)", page))
+    modules = {str(p.relative_to(BOOK.parent)) for p in (BOOK.parent / "minqwen").rglob("*.py")}
+    modules -= {
+        "minqwen/model/__init__.py",
+        "minqwen/engine/__init__.py",
+        "minqwen/tools/__init__.py",
+    }
+    assert included == modules, (
+        f"missing: {sorted(modules - included)}, gone: {sorted(included - modules)}"
+    )
