@@ -299,9 +299,9 @@ print(f"golden references reproduced by the cached loop: {golden_checked}")
 # ## What the cache buys
 #
 # Without a cache, step $t$ runs the model over all $n + t$ tokens. With one, every step runs one token, and only
-# attention's reads of the stored keys grow with the context. Timing each decode step of both loops on a longer
-# prompt shows it. Timings vary from run to run, so this cell is not compared between runs; it asserts only that
-# the cached steps are faster.
+# attention's reads of the stored keys grow with the context. The cell below counts the positions each decode
+# step hands the model, which is exact, and times each step, which is not: timings vary with the machine and
+# whatever else runs on it, so the figure is an illustration and nothing asserts on it.
 
 # %% tags=["hide-input", "nbval-ignore-output"]
 long_prompt = tok.apply_chat_template(
@@ -312,17 +312,38 @@ long_prompt = tok.apply_chat_template(
 
 
 def step_times(use_cache, steps=8):
-    times, start = [], time.perf_counter()
-    for _ in minqwen.generate_tokens(
-        ours, long_prompt, steps, do_sample=False, eos_token_id=[], use_cache=use_cache
-    ):
-        now = time.perf_counter()
-        times.append(now - start)
-        start = now
-    return times[1:]  # step 0 is the prefill, the same work in both loops
+    """Seconds of each decode step, and the positions the model ran in each."""
+    times, positions, start = [], [], time.perf_counter()
+    count = ours.register_forward_pre_hook(
+        lambda _, args: positions.append(args[0].shape[1])
+    )
+    try:
+        for _ in minqwen.generate_tokens(
+            ours,
+            long_prompt,
+            steps,
+            do_sample=False,
+            eos_token_id=[],
+            use_cache=use_cache,
+        ):
+            now = time.perf_counter()
+            times.append(now - start)
+            start = now
+    finally:
+        count.remove()
+    # Step 0 is the prefill, the same work in both loops.
+    return times[1:], positions[1:]
 
 
-cached_times, uncached_times = step_times(True), step_times(False)
+(cached_times, cached_positions), (uncached_times, uncached_positions) = (
+    step_times(True),
+    step_times(False),
+)
+n = long_prompt.shape[1]
+assert cached_positions == [1] * 7
+assert uncached_positions == [n + t for t in range(1, 8)]
+print(f"positions per decode step, with the cache: {cached_positions}")
+print(f"positions per decode step, without it:     {uncached_positions}")
 figures.step_times(
     cached_times,
     uncached_times,
@@ -334,7 +355,6 @@ print(
     f"median step: {median(uncached_times) * 1e3:.0f} ms without the cache, "
     f"{median(cached_times) * 1e3:.0f} ms with it"
 )
-assert median(cached_times) < median(uncached_times)
 
 # %% [markdown]
 # The price is memory. The cache grows by a fixed number of bytes per token, and the static cache reserves all of

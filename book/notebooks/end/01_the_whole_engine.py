@@ -53,18 +53,22 @@ import minqwen
 figures.whole_engine()
 
 # %% [markdown]
-# Each part is one module of the package, short enough to read in one sitting:
+# Each part is one module of the package, short enough to read in one sitting ({doc}`../../package` shows
+# the source of every one):
 
 # %% tags=["hide-input"]
 parts = {
     "tokenizer and chat template": "tokenizer",
-    "the model (embedding, layers, head, loader)": "model",
-    "KV caches": "cache",
-    "sampling filters and draws": "sampling",
-    "the request: defaults and input checks": "request",
-    "the generate loop": "generate",
-    "streaming text": "streaming",
-    "the fast engine": "fast",
+    "configuration and its checks": "model.config",
+    "rotary embeddings": "model.rope",
+    "attention, MLP, RMSNorm": "model.layers",
+    "the model and its loader": "model.qwen2",
+    "KV caches": "model.cache",
+    "sampling filters and draws": "engine.sampling",
+    "the request: defaults and input checks": "engine.request",
+    "the generate loop": "engine.generate",
+    "streaming text": "engine.streaming",
+    "the fast engine": "engine.fast",
 }
 parts = {
     what: importlib.import_module(f"minqwen.{name}") for what, name in parts.items()
