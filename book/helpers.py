@@ -49,6 +49,10 @@ _dtype = os.environ.get("MINQWEN_DTYPE") or ("bfloat16" if DEVICE.startswith("cu
 if _dtype not in ("float32", "bfloat16"):
     raise ValueError(f"MINQWEN_DTYPE={_dtype!r}: use float32 or bfloat16")
 DTYPE = getattr(torch, _dtype)
+# Without a GPU, Triton kernels (chapter 5) run in Triton's interpreter; it is chosen when a kernel is defined,
+# so before any page imports minqwen's kernels.
+if not DEVICE.startswith("cuda"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # Pages that build tiny checkpoints on purpose load them without a manifest; the warning would only repeat that.
 warnings.filterwarnings("ignore", category=minqwen.weights.UnverifiedCheckpointWarning)

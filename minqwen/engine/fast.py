@@ -32,6 +32,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from minqwen.engine import decode_attention
 from minqwen.engine.request import GenerationRequest, NumericalError, prepare
 from minqwen.engine.sampling import (
     SamplingConfig,
@@ -67,6 +68,7 @@ class Shape(NamedTuple):
     kv_heads: int
     head_dim: int
     eps: float
+    split_attention: bool = False  # decode attention by minqwen.engine.decode_attention's kernel
 
 
 def fuse_layer(layer) -> LayerWeights:
@@ -139,7 +141,8 @@ def decode_layer(x, cos, sin, visible, slot, keys, values, w: LayerWeights, s: S
     Grouped-query attention without copying the cache per query head: the `groups` query heads that share a kv
     head become that head's rows in two batched matrix products, so each cached key and value is read once.
     (SDPA's fused kernel, given the same rows, runs one block per kv head: it was slower here, most of all on
-    long prompts; see book/data/bench/NOTES.md.) Scores and softmax are in float32.
+    long prompts; see book/data/bench/NOTES.md.) Scores and softmax are in float32. With `s.split_attention` the
+    same attention is one Triton kernel that spreads the cache over the whole GPU (chapter 5).
     """
     batch = x.shape[0]
     groups = s.heads // s.kv_heads
@@ -148,9 +151,25 @@ def decode_layer(x, cos, sin, visible, slot, keys, values, w: LayerWeights, s: S
     k = apply_rope(k.transpose(1, 2), cos, sin)
     keys.index_copy_(2, slot, k)
     values.index_copy_(2, slot, v.transpose(1, 2))
-    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * s.head_dim**-0.5
+    if s.split_attention:
+        attended = decode_attention.split_attention(
+            q, keys, values, visible[:, 0, 0], s.head_dim**-0.5
+        )
+    else:
+        attended = matmul_attention(q, keys, values, visible, s.head_dim**-0.5)
+    return _finish(x, attended.reshape(batch, 1, -1), w, s)
+
+
+def matmul_attention(q, keys, values, visible, scale: float):
+    """q [batch, kv_heads, groups, head_dim] over the cache at the `visible` [batch, 1, 1, capacity] positions, as
+    two batched matrix products with the softmax between them in float32.
+
+    The mask arrives broadcastable, made by `step_inputs`: built inside the compiled layer instead, it led the
+    compiler to a softmax twice as slow at a 16k-token context (book/data/profile/).
+    """
+    scores = torch.matmul(q, keys.transpose(-1, -2)).float() * scale
     probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).to(q.dtype)
-    return _finish(x, torch.matmul(probs, values).reshape(batch, 1, -1), w, s)
+    return torch.matmul(probs, values)
 
 
 def step_inputs(token, position, slot, key_is_real, embedding, inv_freq, rope_scale: float):
@@ -245,11 +264,20 @@ class FastQwen2:
     the same defaults. `bucket` is the granularity of the cache: prompt + new tokens is rounded up to a multiple
     of it. Each (batch, bucket) gets a decode state (its cache) and, per sampling setting, one captured graph;
     the `MAX_STATES` most recently used states are kept. `use_graphs` defaults to True on CUDA and must be False
-    elsewhere. The fused weights are new tensors; the norms, o_proj, down_proj, embedding and head are shared with
-    `model`, so dropping the model afterwards frees its separate q/k/v/gate/up weights.
+    elsewhere. `split_attention` runs decode attention as the split kernel of `minqwen.engine.decode_attention`
+    instead of two matrix products and a softmax (chapter 5 measures both; it needs Triton). The fused weights
+    are new tensors; the norms, o_proj, down_proj, embedding and head are shared with `model`, so dropping the
+    model afterwards frees its separate q/k/v/gate/up weights.
     """
 
-    def __init__(self, model: Qwen2, *, bucket: int = 256, use_graphs: bool | None = None):
+    def __init__(
+        self,
+        model: Qwen2,
+        *,
+        bucket: int = 256,
+        use_graphs: bool | None = None,
+        split_attention: bool = False,
+    ):
         if not isinstance(model, Qwen2):
             raise ValueError(
                 f"FastQwen2 wraps a minqwen Qwen2, got {type(model).__name__}; load one with "
@@ -269,10 +297,24 @@ class FastQwen2:
                 f"CUDA graphs need the model on a CUDA device, it is on {self.device}; pass "
                 f"use_graphs=False"
             )
+        if split_attention and not decode_attention.available(self.device):
+            missing = "" if decode_attention.triton else ", and Triton is not installed"
+            raise ValueError(
+                f"split_attention needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); the model "
+                f"is on {self.device}{missing}: leave split_attention off"
+            )
+        if split_attention and (reason := decode_attention.unsupported(c.head_dim)):
+            raise ValueError(f"split_attention: {reason}; leave split_attention off")
         self.use_graphs, self.bucket = use_graphs, bucket
         with torch.no_grad():
             self.layers = [fuse_layer(layer) for layer in model.layers]
-        self.shape = Shape(c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.rms_norm_eps)
+        self.shape = Shape(
+            c.num_attention_heads,
+            c.num_key_value_heads,
+            c.head_dim,
+            c.rms_norm_eps,
+            bool(split_attention),
+        )
         self.norm_weight, self.lm_head_weight = model.norm.weight, model.lm_head.weight
         self.inv_freq, self.rope_scale = model.inv_freq, model.rope_scale
         self.max_positions = c.max_position_embeddings

@@ -1,0 +1,71 @@
+"""Chapter 5: the script that measured the committed decode profile computes what it claims, on a CPU.
+
+`scripts/gpu_decode_profile.py` ran on an H200 to produce book/data/profile/; on a CPU it runs its eager path
+(no graphs, no profile), which is enough to check its byte count and roofline against minqwen.model.sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from minqwen.model.config import ModelConfig
+from minqwen.model.sizes import kv_cache_bytes_per_token, weight_bytes_per_step
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "gpu_decode_profile.py"
+
+
+@pytest.fixture(scope="module")
+def cpu_profile(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile") / "profile.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--device",
+            "cpu",
+            "--sizes",
+            str(tiny_checkpoint),
+            "--contexts",
+            "24,40",
+            "--steps",
+            "4",
+            "--repeats",
+            "1",
+            "--out",
+            str(out),
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    header, *rows = (json.loads(line) for line in out.read_text().splitlines())
+    return header, rows
+
+
+def test_header_names_the_machine(cpu_profile):
+    header, _ = cpu_profile
+    assert header["header"] and header["hardware"]["torch"] and "cpu_cores" in header["hardware"]
+
+
+def test_one_row_per_context_with_its_bytes_and_roofline(cpu_profile, tiny_checkpoint):
+    _, rows = cpu_profile
+    config = ModelConfig.from_file(tiny_checkpoint)
+    assert [r["context"] for r in rows] == [24, 40]
+    for r in rows:
+        expected = weight_bytes_per_step(config, "float32") + r[
+            "context"
+        ] * kv_cache_bytes_per_token(config, "float32")
+        assert r["bytes_per_step"] == expected
+        assert r["roofline_ms"] == pytest.approx(expected / r["copy_bytes_per_s"] * 1e3)
+        assert r["prompt"] == r["context"] - r["steps"] // 2
+        assert isinstance(r["eager_step_ms"], float)
+        assert "graphs_step_ms" not in r and "kernels" not in r
