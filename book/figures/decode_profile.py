@@ -12,7 +12,8 @@ import pandas as pd
 
 # What each kernel of the fast engine's decode step does, recognised by the operations inductor names it after
 # (its numeric suffixes change between compilations, so they are not used). The first pattern a name contains
-# wins; "norm + projection" kernels alternate within a layer: q/k/v first, then gate/up.
+# wins. Two roles alternate within a layer: the norm + projection kernels (q/k/v, then gate/up) and the cuBLAS
+# products of attention (q·K, then p·V).
 ROLES = [
     ("_attend_part", "split attention: the parts", "attention"),
     ("amax_exp", "split attention: merge maxima", "attention"),
@@ -60,12 +61,15 @@ def role(name: str) -> tuple[str, str]:
 def kernels(row: pd.Series, column: str = "kernels") -> pd.DataFrame:
     """The kernels of one replay (`column` of a run's row) with their role, kind and end time."""
     frame = pd.DataFrame(row[column])
-    roles, projections = [], 0
+    roles, seen = [], {"norm + projection": 0, "q·K or p·V (cuBLAS)": 0}
+    alternating = {
+        "norm + projection": ("norm + q/k/v projection", "norm + gate/up projection"),
+        "q·K or p·V (cuBLAS)": ("q·K (cuBLAS)", "p·V (cuBLAS)"),
+    }
     for name in frame.name:
         what, kind = role(name)
-        if what == "norm + projection":
-            what = ("norm + q/k/v projection", "norm + gate/up projection")[projections % 2]
-            projections += 1
+        if what in alternating:
+            what, seen[what] = alternating[what][seen[what] % 2], seen[what] + 1
         roles.append((what, kind))
     frame[["role", "kind"]] = roles
     frame["end_us"] = frame.start_us + frame.dur_us
@@ -130,6 +134,7 @@ def budget(parts: pd.DataFrame, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     (parts / 1e3).plot.barh(stacked=True, ax=ax, color=colors, width=0.7)
     ax.set(xlabel="ms per decode step", ylabel="", title=title)
+    ax.margins(x=0.05)
     ax.invert_yaxis()
     ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     show_figure(fig)

@@ -75,7 +75,7 @@ def describe(path: Path, name: str) -> tuple[str, str]:
         return f"{len(header)} tensors ({', '.join(dtypes)}): header + data, below", TENSORS
     if name == weights.MANIFEST:
         lines = file.read_text().splitlines()
-        return f"sha256 of the {len(lines)} files above, checked on every fetch", CHECK
+        return f"sha256 of the {len(lines)} files below, checked on every fetch", CHECK
     return "", CHECK
 
 

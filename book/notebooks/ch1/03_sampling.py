@@ -110,7 +110,7 @@ real_seen = context.cpu()
 def label(token_id: int) -> str:
     """A token as plot-friendly text: non-ASCII tokens show as their id (the plot font lacks CJK glyphs)."""
     text = tok.decode(int(token_id)).strip() or repr(tok.decode(int(token_id)))
-    return text[:14] if text.isascii() else f"#{int(token_id)}"
+    return text[:20] if text.isascii() else f"#{int(token_id)}"
 
 
 print(
@@ -440,9 +440,11 @@ tests.round({"chi2": 1, "p-value": 4})
 figures.draws(counts, target, [label(i) for i in kept], draws)
 
 # %% [markdown]
-# The draws fit the filtered distribution (a p-value far from 0) and fail the unfiltered one. The control can
+# The draws fit the filtered distribution (a p-value above the 0.01 the check requires) and fail the unfiltered
+# one. The control can
 # only fail where the two distributions differ enough for this many draws to tell them apart; near-flat logits
-# (random weights) can leave them too close, which the noncentrality of the test measures, and then the control
+# (random weights) can leave them too close, which the noncentrality of the test measures (how far apart the two
+# distributions are, scaled by the number of draws), and then the control
 # proves nothing either way.
 
 # %%

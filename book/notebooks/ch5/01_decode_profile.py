@@ -14,7 +14,7 @@
 # %% [markdown]
 # # Where a decode step's time goes
 #
-# {doc}`../ch4/05_performance` left the fast engine near the {term}`roofline` on the 7B model and far below it
+# The previous chapter ({doc}`the baseline and the fast path <../ch4/05_performance>`) left the fast engine near the {term}`roofline` on the 7B model and far below it
 # on the 0.5B. Both numbers are averages over a whole step. To make a step faster we need to know what it is
 # made of: which kernels run, how long each takes, and how that compares with the bytes each one must read.
 # This page takes one {term}`decode` step apart, first on this machine's CPU, then kernel by kernel on an H200.
@@ -61,19 +61,19 @@ print(stamp())
 # ## The bytes a step must read
 #
 # A decode step at batch 1 multiplies one row by every weight matrix, so it reads every weight once: $W$ bytes.
-# Attention also reads the cached keys and values of all $L$ earlier tokens, $K$ bytes each. With a memory
+# Attention also reads the cached keys and values of all $T$ earlier tokens, $K$ bytes each. With a memory
 # bandwidth of $\beta$ bytes per second, no step can be shorter than
 #
 # $$
-# t_\text{step} \;\ge\; \frac{W + L\,K}{\beta}.
+# t_\text{step} \;\ge\; \frac{W + T\,K}{\beta}.
 # $$
 #
 # $W$ is not a formula to trust blindly: count it from the tensors a step touches. The embedding table is read
-# one row at a time, so it counts only where it is also the LM head (the book's model ties them):
+# one row at a time, so it does not count; the LM head, a matrix of its own in the book's checkpoint, does:
 
 # %%
 parts = {
-    "attention projections": [layer.self_attn for layer in model.layers],
+    "attention (with its projections)": [layer.self_attn for layer in model.layers],
     "MLP": [layer.mlp for layer in model.layers],
     "norms": [
         m
@@ -101,8 +101,8 @@ print(f"W = {W / 1e9:.3f} GB per step; K = {K:,} bytes per token")
 # ## On this CPU: time follows bytes
 #
 # Forward hooks on the same modules time each part of one cached decode step (the clock starts when a module is
-# called and stops when it returns). The step runs on one thread, which other work on the machine disturbs
-# least, a few times, and the median counts; timings still vary with the machine and its load, so the output
+# called and stops when it returns). The step runs on one thread (the least disturbed by other work on the
+# machine), several times, and the median counts. Timings still vary with the machine and its load, so the output
 # below is not compared between runs.
 
 
@@ -195,8 +195,8 @@ print(
 runs[["size", "context", "graphs_step_ms", "eager_step_ms", "roofline_ms"]].round(3)
 
 # %% [markdown]
-# Each name is a kernel the compiler generated (`triton_...`, named after the operations it fused) or a
-# library's (`nvjet_...` is cuBLAS). Every layer launches the same kernels in the same order, so naming the
+# The profiler records each kernel by name: the compiler's are called `triton_...` after the operations they
+# fuse, cuBLAS's `nvjet_...`; the figures below label them by what they do. Every layer launches the same kernels in the same order, so naming the
 # kernels of one layer names them all. The step of the 0.5B at a 256-token context, the first layer
 # enlarged below:
 
@@ -283,8 +283,9 @@ points.round(1)
 
 # %% [markdown]
 # The pattern is plain: a kernel reaches the copy bandwidth only when it reads a few hundred megabytes (both LM
-# heads, the 7B's gate/up); at a few megabytes, the 0.5B's q/k/v and o projections, it reaches a fifth of it or
-# less. A kernel needs time to start, to spread its blocks over the 132 multiprocessors, and to drain its last
+# heads, the 7B's gate/up; the heads even pass it a little, since a kernel that only reads streams slightly
+# better than a copy, which reads and writes at once). At a few megabytes, the 0.5B's q/k/v and o projections,
+# it reaches a fifth of it or less. A kernel needs time to start, to spread its blocks over the 132 multiprocessors, and to drain its last
 # blocks; a 2 MB read at full speed would take half a microsecond, far less than those fixed costs.
 #
 # ## The step's budget
@@ -328,7 +329,10 @@ for name in ("0.5B, context 256", "7B, context 256"):
     )
 
 # %% [markdown]
-# For the 7B, two thirds of a step is the reading no engine can avoid, 15 GB of weights; the weight kernels take
+# The profiled replay of the 0.5B (1,059 µs) is longer than the step timed without the profiler (0.939 ms in the
+# table above): profiling costs a little, so read the budget's shares rather than its absolute times.
+#
+# For the 7B, two thirds of a step is the reading no engine can avoid, 14 GB of weights; the weight kernels take
 # about 30% longer than a plain copy of the same bytes, most of it in the down projection (the figure above).
 # For the 0.5B, reading its weights at full speed would take under a quarter of the step.
 # The rest is spread thin: the weight kernels' shortfall, attention's three small kernels per layer, the five
@@ -338,7 +342,7 @@ for name in ("0.5B, context 256", "7B, context 256"):
 #
 # ## Longer contexts
 #
-# With a longer context, attention reads more of the cache each step, and the roofline's $L\,K$ term grows. For
+# With a longer context, attention reads more of the cache each step, and the roofline's $T\,K$ term grows. For
 # both models, the step with graphs, without them (the same fused functions called from Python), and the
 # roofline:
 
@@ -353,8 +357,8 @@ steps = runs.rename(
 figures.by_context(steps)
 
 # %% tags=["hide-input"]
-steps.assign(**{"graphs / roofline": steps.roofline / steps.graphs})[
-    ["size", "context", "graphs", "roofline", "graphs / roofline"]
+steps.assign(**{"fraction of the roofline": steps.roofline / steps.graphs})[
+    ["size", "context", "graphs", "roofline", "fraction of the roofline"]
 ].round(3)
 
 # %% [markdown]
@@ -400,7 +404,7 @@ for size in ("0.5B", "7B"):
 
 # %% [markdown]
 # The 0.5B keeps 2 kv heads of 64 dimensions in 24 layers, 12 KiB a token, against 1 GB of weights; the 7B keeps 4
-# kv heads of 128 in 28 layers, 56 KiB a token, against 15 GB. The 0.5B's cache catches up with its weights at
+# kv heads of 128 in 28 layers, 56 KiB a token, against 14 GB (this page's $W$, without the embedding). The 0.5B's cache catches up with its weights at
 # a shorter context, so its long-context decode is a cache-reading problem sooner.
 #
 # ```{solution-end}

@@ -14,7 +14,8 @@
 # %% [markdown]
 # # Attention over the cache, split across the GPU
 #
-# {doc}`01_decode_profile` found that at long contexts attention takes most of a small model's decode step,
+# The profile of the previous page ({doc}`where a decode step's time goes <01_decode_profile>`) found that at
+# long contexts attention takes most of a small model's decode step,
 # though it reads little: at 16,384 tokens the 0.5B's attention reads 8 MB of cache per layer and takes about 57
 # µs to do it, under a twentieth of the copy bandwidth. This page writes the standard remedy, split attention (known
 # as flash-decoding), as a Triton kernel, proves the arithmetic that makes it exact, checks the kernel here on
@@ -29,7 +30,7 @@
 #   GPU kernel without a GPU, in Triton's interpreter;
 # - what it bought on an H200, and why the merge, not the kernel, now sets the time.
 #
-# **You need** the profile of {doc}`01_decode_profile`, grouped-query attention from {doc}`../ch3/03_gqa`
+# **You need** the profile of {doc}`01_decode_profile`, grouped-query attention ({doc}`../ch3/03_gqa`)
 # and the static cache of the fast engine ({doc}`../ch4/05_performance`). No GPU: the kernel runs here in
 # Triton's interpreter, and the H200 measurements are committed data (under a minute).
 # ```
@@ -54,17 +55,17 @@ print(stamp())
 # ## Why the matrix products leave the GPU idle
 #
 # At batch 1 the 0.5B model has 2 kv heads, each shared by 7 query heads. Attention for one kv head is a
-# $7 \times 64$ block of queries against a $L \times 64$ block of cached keys, a softmax over $L$, then the
-# weights against $L \times 64$ values. The fast engine writes it as two batched matrix products:
+# $7 \times 64$ block of queries against a $T \times 64$ block of cached keys, a softmax over $T$, then the
+# weights against $T \times 64$ values. The fast engine writes it as two batched matrix products:
 
 # %%
 show_source(matmul_attention)
 
 # %% [markdown]
 # A matrix-product kernel divides its output into tiles and gives each tile to one block of threads. Here the
-# output of the first product is $7 \times L$ per kv head: with tiles along $L$ it can spread, but the second
+# output of the first product is $7 \times T$ per kv head: with tiles along $T$ it can spread, but the second
 # product's output is only $7 \times 64$ per kv head, two tiles' worth for the whole batch, and each of those
-# blocks must read all $L$ values alone. An H200 has 132 multiprocessors; a few of them stream the cache while the
+# blocks must read all $T$ values alone. An H200 has 132 multiprocessors; a few of them stream the cache while the
 # rest wait. The profile agrees: the attention kernels' time grows with the context far faster than their bytes
 # would require.
 
@@ -91,7 +92,7 @@ table.round(1)
 # %% [markdown]
 # ## Splitting a softmax, exactly
 #
-# For one query row with scores $s_1 \dots s_L$ and values $v_1 \dots v_L$, attention is
+# For one query row with scores $s_1 \dots s_T$ and values $v_1 \dots v_T$, attention is
 #
 # $$
 # o = \frac{\sum_j e^{s_j} v_j}{\sum_j e^{s_j}}.
@@ -146,7 +147,8 @@ show_source(decode_attention._attend_part.fn)
 
 # %% [markdown]
 # `tl.dot` needs at least 16 rows, so the 7 query heads of a group are padded to 16 with zeros and dropped at
-# the end. How many parts: enough for about two programs per multiprocessor, each part a whole number of blocks.
+# the end. How many parts: enough for about two programs per multiprocessor, each part a whole number of blocks,
+# so a short cache gets fewer.
 
 # %%
 show_source(split_plan)
