@@ -56,7 +56,7 @@ figures.whole_engine()
 # Each part is one module of the package, short enough to read in one sitting ({doc}`../../package` shows
 # the source of every one):
 
-# %% tags=["hide-input"]
+# %% tags=["hide-input", "nbval-ignore-output"]
 parts = {
     "tokenizer and chat template": "tokenizer",
     "configuration and its checks": "model.config",
@@ -69,6 +69,7 @@ parts = {
     "the generate loop": "engine.generate",
     "streaming text": "engine.streaming",
     "the fast engine": "engine.fast",
+    "split attention (a Triton kernel)": "engine.decode_attention",
 }
 parts = {
     what: importlib.import_module(f"minqwen.{name}") for what, name in parts.items()
