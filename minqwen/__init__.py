@@ -1,9 +1,10 @@
 """minqwen: Qwen2.5 inference from scratch, the code the book builds chapter by chapter.
 
 `minqwen.model` holds the model, `minqwen.engine` drives it, `minqwen.tokenizer` and `minqwen.weights` bring text
-and checkpoints in, `minqwen.quant` reads quantized weights, and `minqwen.tools` measures and checks. The names below are the public API. They load on
-first use, so that `import minqwen`, and with it the command line, starts without importing torch: a Ctrl-C or a
-bad argument is then answered before any heavy import.
+and checkpoints in, `minqwen.quant` reads quantized files and quantizes weights, and `minqwen.tools` measures and
+checks. The names below are the public API. They load on first use, so that `import minqwen`, and with it the
+command line, starts without importing torch: a Ctrl-C or a bad argument is then answered before any heavy
+import.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _PUBLIC = {
     "generate_tokens": "minqwen.engine.generate",
     "stream": "minqwen.engine.streaming",
     "FastQwen2": "minqwen.engine.fast",
+    "quantize": "minqwen.quant.int8",
     "BPETokenizer": "minqwen.tokenizer",
     "render_chat": "minqwen.tokenizer",
     "fetch": "minqwen.weights",

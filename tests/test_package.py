@@ -56,6 +56,7 @@ def test_public_api_is_what_users_need():
         "generate_tokens",
         "stream",
         "FastQwen2",
+        "quantize",
         "BPETokenizer",
         "render_chat",
         "DynamicKVCache",

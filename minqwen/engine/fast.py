@@ -71,6 +71,19 @@ class Shape(NamedTuple):
     split_attention: bool = False  # decode attention by minqwen.engine.decode_attention's kernel
 
 
+def _projections(layer) -> list:
+    attn, mlp = layer.self_attn, layer.mlp
+    return [
+        attn.q_proj,
+        attn.k_proj,
+        attn.v_proj,
+        attn.o_proj,
+        mlp.gate_proj,
+        mlp.up_proj,
+        mlp.down_proj,
+    ]
+
+
 def fuse_layer(layer) -> LayerWeights:
     attn, mlp = layer.self_attn, layer.mlp
     return LayerWeights(
@@ -305,6 +318,13 @@ class FastQwen2:
             )
         if split_attention and (reason := decode_attention.unsupported(c.head_dim)):
             raise ValueError(f"split_attention: {reason}; leave split_attention off")
+        if any(
+            type(m) is not torch.nn.Linear for layer in model.layers for m in _projections(layer)
+        ):
+            raise ValueError(
+                "FastQwen2 fuses float nn.Linear projections and this model's are quantized; run it with "
+                "minqwen.generate, or load it again without quantizing"
+            )
         self.use_graphs, self.bucket = use_graphs, bucket
         with torch.no_grad():
             self.layers = [fuse_layer(layer) for layer in model.layers]
