@@ -1,12 +1,13 @@
-"""Decode attention in one pass over the KV cache, spread over the whole GPU: split the cache, merge the parts.
+"""Decode attention in one pass over the KV cache, spread over the whole GPU: split, then merge.
 
-A decode step's attention is, per kv head, a few query rows (the heads that share it) against every cached key
-and value. As two matrix products and a softmax it launches three kernels, writes the scores out and reads them
-back, and gives the GPU a handful of blocks per kv head: at batch 1 with 2 kv heads, most multiprocessors wait
-while a few stream the cache. This kernel (the idea of flash-decoding) cuts the cached positions into `splits`
-parts, one program per (row, kv head, part), so that every multiprocessor streams a share of the cache. Each
-program attends to its part with an online softmax, keeping its running maximum m, sum of exponentials l and
-weighted sum of values a on chip. `merge_splits` then combines the parts s exactly:
+A decode step's attention is, per kv head, a few query rows (the heads that share it) against every
+cached key and value. As two matrix products and a softmax it launches three kernels, writes the
+scores out and reads them back, and gives the GPU a handful of blocks per kv head: at batch 1 with
+2 kv heads, most multiprocessors wait while a few stream the cache. This kernel (the idea of
+flash-decoding) cuts the cached positions into `splits` parts, one program per (row, kv head,
+part), so that every multiprocessor streams a share of the cache. Each program attends to its part
+with an online softmax, keeping its running maximum m, sum of exponentials l and weighted sum of
+values a on chip. `merge_splits` then combines the parts s exactly:
 
     out = sum_s exp(m_s - M) a_s / sum_s exp(m_s - M) l_s,   M = max_s m_s
 
@@ -33,7 +34,7 @@ TARGET_PROGRAMS = 264
 
 
 def available(device: torch.device) -> bool:
-    """Whether the kernel can run on `device`: CUDA with Triton, or the CPU under Triton's interpreter."""
+    """Whether the kernel can run on `device`: CUDA with Triton, or Triton's interpreter."""
     if triton is None:
         return False
     return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
@@ -47,7 +48,8 @@ def unsupported(head_dim: int) -> str | None:
 
 
 def split_plan(rows: int, capacity: int, split_len: int | None = None) -> tuple[int, int]:
-    """(splits, split_len): how many parts the cache is cut into for `rows` = batch x kv heads, and their length.
+    """(splits, split_len): the parts a cache of `capacity` is cut into, and their length, for
+    `rows` = batch x kv heads.
 
     Enough parts for about `TARGET_PROGRAMS` programs, each at least one block long."""
     blocks = -(-capacity // BLOCK_N)
@@ -108,7 +110,8 @@ if triton is not None:
             scores = tl.dot(q, tl.trans(k), input_precision="ieee") * SCALE
             scores = tl.where(seen[None, :], scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, 1))
-            # Until a part has seen a visible key its maximum is -inf; shifting by 0 then keeps exp() at 0, not NaN.
+            # Until a part has seen a visible key its maximum is -inf; shifting by 0 then keeps
+            # exp() at 0, not NaN.
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.exp(scores - shift[:, None])
             rescale = tl.exp(m - shift)
@@ -127,8 +130,8 @@ if triton is not None:
 
 
 def merge_splits(acc: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    """Combine the parts: acc [..., splits, groups, head_dim] and stats [..., splits, groups, 2] (m, l) to the
-    softmax-weighted sum of values [..., groups, head_dim]."""
+    """Combine the parts: acc [..., splits, groups, head_dim] and stats [..., splits, groups, 2]
+    (m, l) to the softmax-weighted sum of values [..., groups, head_dim]."""
     m, total = stats[..., 0], stats[..., 1]
     weight = torch.exp(m - m.amax(dim=-2, keepdim=True))
     return (weight[..., None] * acc).sum(-3) / (weight * total).sum(-2)[..., None]
@@ -143,10 +146,12 @@ def split_attention(
     *,
     split_len: int | None = None,
 ) -> torch.Tensor:
-    """Attention of q [batch, kv_heads, groups, head_dim] over the cache [batch, kv_heads, capacity, head_dim]
-    at the positions `visible` [batch, capacity] marks; [batch, kv_heads, groups, head_dim] in q's dtype.
+    """Attention of q [batch, kv_heads, groups, head_dim] over the cache
+    [batch, kv_heads, capacity, head_dim] at the positions `visible` [batch, capacity] marks;
+    [batch, kv_heads, groups, head_dim] in q's dtype.
 
-    `split_len` fixes the length of the parts (a multiple of `BLOCK_N`); by default `split_plan` picks it."""
+    `split_len` fixes the length of the parts (a multiple of `BLOCK_N`); by default `split_plan`
+    picks it."""
     batch, kv_heads, groups, head_dim = q.shape
     capacity = keys.shape[2]
     if q.stride(-1) != 1 or keys.stride() != values.stride() or keys.stride(-1) != 1:

@@ -1,14 +1,15 @@
 """Weight-only int8: every projection's weight as int8, with one float scale per output channel.
 
-Decoding at batch 1 reads every weight once per token, so a step takes about as long as its bytes take to
-stream. Storing a weight matrix W as int8 values q with a scale s_o per output row,
+Decoding at batch 1 reads every weight once per token, so a step takes about as long as its bytes
+take to stream. Storing a weight matrix W as int8 values q with a scale s_o per output row,
 
     q_oi = round(W_oi / s_o),   s_o = max_i |W_oi| / 127,
 
-cuts its bytes by four against float32 (two against bfloat16); each output becomes y_o = s_o (x . q_o), so the
-scale is applied once per output, after the products. Activations stay floating point: this is weight-only
-quantization. On a CPU in bfloat16 the product runs in PyTorch's packed int8 kernel (`_weight_int8pack_mm`, the
-op gpt-fast and torchao build on); elsewhere the int8 matrix is widened to the activations' dtype first.
+cuts its bytes by four against float32 (two against bfloat16). Each output becomes
+y_o = s_o (x . q_o), so the scale is applied once per output, after the products. Activations stay
+floating point: this is weight-only quantization. On a CPU in bfloat16 the product runs in PyTorch's
+packed int8 kernel (`_weight_int8pack_mm`, the op gpt-fast and torchao build on); elsewhere the int8
+matrix is widened to the activations' dtype first.
 """
 
 from __future__ import annotations
@@ -28,8 +29,8 @@ PROJECTIONS = {
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 values [out, in] and float32 scales [out] with weight ~ scales[:, None] * values.
 
-    Symmetric: the largest magnitude of each row maps to 127, and every value is off by at most half a scale. An
-    all-zero row gets scale 1, so that nothing divides by zero."""
+    Symmetric: the largest magnitude of each row maps to 127, and every value is off by at most
+    half a scale. An all-zero row gets scale 1, so that nothing divides by zero."""
     w = weight.detach().float()
     scales = w.abs().amax(dim=1) / 127
     scales = torch.where(scales == 0, torch.ones_like(scales), scales)
@@ -69,8 +70,9 @@ class Int8Linear(nn.Module):
 def quantize(model: Qwen2, scheme: str = "int8") -> Qwen2:
     """Quantize a loaded `Qwen2`'s projections in place and return it.
 
-    Every attention and MLP projection becomes an `Int8Linear`. So does an untied LM head; a head tied to the
-    embedding stays as it is, since quantizing it would make a second copy of the largest matrix."""
+    Every attention and MLP projection becomes an `Int8Linear`. So does an untied LM head; a head
+    tied to the embedding stays as it is, since quantizing it would make a second copy of the
+    largest matrix."""
     if scheme != "int8":
         raise ValueError(f"unknown quantization scheme {scheme!r}; this version offers 'int8'")
     if not isinstance(model, Qwen2):
