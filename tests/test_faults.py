@@ -115,6 +115,10 @@ def generate_args(folder, *extra):
     return ["generate", "hello", "--model", folder, "--greedy", "--max-new-tokens", "3", *extra]
 
 
+def chat_args(folder, *extra):
+    return ["chat", "--model", folder, "--greedy", "--max-new-tokens", "3", *extra]
+
+
 def no_leftovers(cache) -> None:
     hidden = list((cache / "models").glob(".*")) if (cache / "models").is_dir() else []
     partial = list((cache / "gguf").glob("*.partial")) if (cache / "gguf").is_dir() else []
@@ -287,12 +291,7 @@ def test_chat_survives_an_over_long_line_and_keeps_the_conversation(
     lines = f"hello\n{'word ' * 400}\nagain\n/save {saved}\n"
     code, out, err = cli(
         capsys,
-        "chat",
-        "--model",
-        checkpoint,
-        "--greedy",
-        "--max-new-tokens",
-        "3",
+        *chat_args(checkpoint),
         stdin=lines.encode(),
         monkeypatch=monkeypatch,
     )
@@ -306,14 +305,7 @@ def test_chat_survives_an_over_long_line_and_keeps_the_conversation(
     assert [m["content"] for m in messages[::2]] == ["hello", "again"]
     code, _, err = cli(
         capsys,
-        "chat",
-        "--model",
-        checkpoint,
-        "--greedy",
-        "--max-new-tokens",
-        "3",
-        "--load",
-        saved,
+        *chat_args(checkpoint, "--load", saved),
         stdin=f"more\n/save {resumed}\n".encode(),
         monkeypatch=monkeypatch,
     )
@@ -329,12 +321,7 @@ def test_chat_skips_an_undecodable_line(checkpoint, tmp_path, capsys, monkeypatc
     stdin = b"hello\ncaf\xe9 \xff\xfe\nagain\n/save " + str(saved).encode() + b"\n"
     code, out, err = cli(
         capsys,
-        "chat",
-        "--model",
-        checkpoint,
-        "--greedy",
-        "--max-new-tokens",
-        "3",
+        *chat_args(checkpoint),
         stdin=stdin,
         monkeypatch=monkeypatch,
     )
