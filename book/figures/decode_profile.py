@@ -69,7 +69,8 @@ def kernels(row: pd.Series, column: str = "kernels") -> pd.DataFrame:
     for name in frame.name:
         what, kind = role(name)
         if what in alternating:
-            what, seen[what] = alternating[what][seen[what] % 2], seen[what] + 1
+            seen[what] += 1
+            what = alternating[what][(seen[what] - 1) % 2]
         roles.append((what, kind))
     frame[["role", "kind"]] = roles
     frame["end_us"] = frame.start_us + frame.dur_us
