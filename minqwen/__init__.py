@@ -24,7 +24,7 @@ _PUBLIC = {
     "generate_tokens": "minqwen.engine.generate",
     "stream": "minqwen.engine.streaming",
     "FastQwen2": "minqwen.engine.fast",
-    "quantize": "minqwen.quant.int8",
+    "quantize": "minqwen.quant.weight_only",
     "BPETokenizer": "minqwen.tokenizer",
     "render_chat": "minqwen.tokenizer",
     "fetch": "minqwen.weights",

@@ -110,6 +110,8 @@ class Session:
     def __init__(self, args):
         if args.max_new_tokens < 1:
             raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+        if args.group_size is not None and args.quantize != "int4":
+            raise ValueError("--group-size goes with --quantize int4; add it, or drop --group-size")
         self.settings = _settings(args)
         from minqwen.tools.hardware import check_device
 
@@ -125,7 +127,13 @@ class Session:
 
         folder = fetch(args.model, trust=True)  # a folder without a manifest loads with a warning
         self.tokenizer = BPETokenizer.from_file(folder)
-        model = Qwen2.from_pretrained(folder, dtype=getattr(torch, args.dtype), device=device)
+        model = Qwen2.from_pretrained(
+            folder,
+            dtype=getattr(torch, args.dtype),
+            device=device,
+            quantize=args.quantize,
+            group_size=args.group_size,
+        )
         SamplingConfig.resolve(model.config.sampling_defaults, **self.settings)
         self.engine = FastQwen2(model) if engine == "fast" else model
         self.max_new_tokens, self.stop, self.stats = args.max_new_tokens, args.stop, args.stats
@@ -300,11 +308,26 @@ def _error(message: str) -> None:
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    from minqwen.quant.int4 import DEFAULT_GROUP_SIZE, GROUP_SIZES
+    from minqwen.quant.weight_only import SCHEMES
+
     p.add_argument(
         "--model", default="embedded", help="any minqwen.fetch source (default: embedded)"
     )
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument(
+        "--quantize",
+        choices=SCHEMES,
+        help="store the projections in 8 or 4 bits once loaded (minqwen.quantize); int4 runs its "
+        "products in bfloat16",
+    )
+    p.add_argument(
+        "--group-size",
+        type=int,
+        choices=GROUP_SIZES,
+        help=f"weights per int4 step and zero point (default {DEFAULT_GROUP_SIZE}); needs --quantize int4",
+    )
     p.add_argument(
         "--engine",
         choices=ENGINES,

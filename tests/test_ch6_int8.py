@@ -10,7 +10,9 @@ from conftest import make_tiny_checkpoint, random_prompts
 
 import minqwen
 from minqwen.engine.fast import FastQwen2
-from minqwen.quant.int8 import Int8Linear, is_quantized, quantize, quantize_per_channel
+from minqwen.quant.int8 import Int8Linear, Int8Weight, quantize_per_channel
+from minqwen.quant.int8_matvec import int8_matvec
+from minqwen.quant.weight_only import is_quantized, quantize
 
 
 def test_every_weight_is_within_half_a_scale_of_its_int8_value():
@@ -65,12 +67,40 @@ def test_a_tied_head_is_left_alone(tmp_path):
 @pytest.mark.parametrize(
     "call, complaint",
     [
-        (lambda m: quantize(m, "int4"), "unknown quantization scheme 'int4'"),
+        (lambda m: quantize(m, "int3"), "unknown quantization scheme 'int3'; choose from int8"),
         (lambda m: quantize(torch.nn.Linear(2, 2)), "quantize takes a minqwen Qwen2, got Linear"),
         (lambda m: quantize(quantize(m)), "already quantized"),
-        (lambda m: FastQwen2(quantize(m)), "FastQwen2 fuses float nn.Linear projections"),
+        (lambda m: quantize(m, "int8", group_size=32), "group_size is for int4"),
     ],
 )
 def test_bad_use_is_one_clear_error(tiny_ours, call, complaint):
     with pytest.raises(ValueError, match=complaint):
         call(copy.deepcopy(tiny_ours))
+
+
+def test_the_fast_engine_runs_the_quantized_model_as_the_eager_loop_does(tiny_ours):
+    model = quantize(copy.deepcopy(tiny_ours))
+    ids = torch.tensor(random_prompts(5, [10, 10]))
+    fast = FastQwen2(model, use_graphs=False)
+    for settings in (dict(do_sample=False), dict(do_sample=True, seed=3)):
+        expected = minqwen.generate(model, ids, 8, eos_token_id=[], **settings)
+        assert torch.equal(fast.generate(ids, 8, eos_token_id=[], **settings), expected)
+
+
+def test_fused_rows_are_the_rows_of_each_part():
+    parts = [Int8Linear(torch.nn.Linear(32, n)).quantized_weight() for n in (16, 8, 8)]
+    fused = Int8Weight.concat(parts)
+    x = torch.randn(3, 32, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(fused.matmul(x), torch.cat([p.matmul(x) for p in parts], dim=-1))
+
+
+@pytest.mark.parametrize("rows, out_features, in_features", [(1, 40, 600), (3, 16, 1024)])
+def test_the_decode_kernel_is_the_product_with_the_dequantized_weight(
+    rows, out_features, in_features
+):
+    """The Triton kernel of minqwen.quant.int8_matvec, in Triton's interpreter without a GPU."""
+    layer = Int8Linear(torch.nn.Linear(in_features, out_features, bias=False))
+    x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(5))
+    ours = int8_matvec(x, layer.weight_int8, layer.scales)
+    exact = x.double() @ layer.dequantized_weight().double().T
+    torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-5)

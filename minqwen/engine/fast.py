@@ -44,6 +44,7 @@ from minqwen.engine.sampling import (
 from minqwen.model.layers import attend, rms_norm
 from minqwen.model.qwen2 import Qwen2
 from minqwen.model.rope import apply_rope, rope_cos_sin
+from minqwen.quant.weight_only import fused_weight, weight_of
 
 # Reading the finished flags back is a host sync, so it happens this often, not every token.
 FINISHED_CHECK_EVERY = 16
@@ -52,7 +53,9 @@ MAX_STATES = 4
 
 
 class LayerWeights(NamedTuple):
-    """One decoder layer with its projections fused: [q; k; v] and [gate; up] stacked along the output rows."""
+    """One decoder layer with its projections fused: [q; k; v] and [gate; up] stacked along the output rows.
+
+    The projection weights are tensors, or, for a quantized model, the weight tuples of minqwen.quant."""
 
     input_norm: torch.Tensor
     qkv_weight: torch.Tensor
@@ -71,29 +74,18 @@ class Shape(NamedTuple):
     split_attention: bool = False  # decode attention by minqwen.engine.decode_attention's kernel
 
 
-def _projections(layer) -> list:
-    attn, mlp = layer.self_attn, layer.mlp
-    return [
-        attn.q_proj,
-        attn.k_proj,
-        attn.v_proj,
-        attn.o_proj,
-        mlp.gate_proj,
-        mlp.up_proj,
-        mlp.down_proj,
-    ]
-
-
 def fuse_layer(layer) -> LayerWeights:
+    """The layer's weights, q/k/v and gate/up joined. A quantized model's projections stay quantized
+    (minqwen.quant): their weights are tuples of tensors with a `matmul`, joined the same way."""
     attn, mlp = layer.self_attn, layer.mlp
     return LayerWeights(
         input_norm=layer.input_layernorm.weight,
-        qkv_weight=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
+        qkv_weight=fused_weight([attn.q_proj, attn.k_proj, attn.v_proj]),
         qkv_bias=torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]),
-        o_weight=attn.o_proj.weight,
+        o_weight=weight_of(attn.o_proj),
         post_norm=layer.post_attention_layernorm.weight,
-        gate_up_weight=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-        down_weight=mlp.down_proj.weight,
+        gate_up_weight=fused_weight([mlp.gate_proj, mlp.up_proj]),
+        down_weight=weight_of(mlp.down_proj),
     )
 
 
@@ -107,8 +99,12 @@ def fuse_layer(layer) -> LayerWeights:
 SINGLE_ROW_AS_REDUCTION = True
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear; under torch.compile, a single row becomes a float32 multiply-and-sum (see above)."""
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear; under torch.compile, a single row becomes a float32 multiply-and-sum (see above). A
+    quantized weight (minqwen.quant) brings its own product."""
+    if not isinstance(weight, torch.Tensor):
+        y = weight.matmul(x)
+        return y if bias is None else y + bias
     if SINGLE_ROW_AS_REDUCTION and torch.compiler.is_compiling() and x.numel() == x.shape[-1]:
         y = (x[..., None, :].float() * weight.float()).sum(-1)
         if bias is not None:
@@ -280,7 +276,8 @@ class FastQwen2:
     elsewhere. `split_attention` runs decode attention as the split kernel of `minqwen.engine.decode_attention`
     instead of two matrix products and a softmax (chapter 5 measures both; it needs Triton). The fused weights
     are new tensors; the norms, o_proj, down_proj, embedding and head are shared with `model`, so dropping the
-    model afterwards frees its separate q/k/v/gate/up weights.
+    model afterwards frees its separate q/k/v/gate/up weights. A model quantized by `minqwen.quantize` runs
+    with its quantized weights (chapter 6).
     """
 
     def __init__(
@@ -318,13 +315,6 @@ class FastQwen2:
             )
         if split_attention and (reason := decode_attention.unsupported(c.head_dim)):
             raise ValueError(f"split_attention: {reason}; leave split_attention off")
-        if any(
-            type(m) is not torch.nn.Linear for layer in model.layers for m in _projections(layer)
-        ):
-            raise ValueError(
-                "FastQwen2 fuses float nn.Linear projections and this model's are quantized; run it with "
-                "minqwen.generate, or load it again without quantizing"
-            )
         self.use_graphs, self.bucket = use_graphs, bucket
         with torch.no_grad():
             self.layers = [fuse_layer(layer) for layer in model.layers]
@@ -335,7 +325,7 @@ class FastQwen2:
             c.rms_norm_eps,
             bool(split_attention),
         )
-        self.norm_weight, self.lm_head_weight = model.norm.weight, model.lm_head.weight
+        self.norm_weight, self.lm_head_weight = model.norm.weight, weight_of(model.lm_head)
         self.inv_freq, self.rope_scale = model.inv_freq, model.rope_scale
         self.max_positions = c.max_position_embeddings
         self._step_inputs, self._decode_layer = step_inputs, decode_layer

@@ -104,18 +104,32 @@ class Qwen2(nn.Module):
         path: str | Path,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
+        *,
+        quantize: str | None = None,
+        group_size: int | None = None,
     ):
         """Qwen2 with the weights of the Hugging Face checkpoint folder `path`.
+
+        `quantize` ("int8" or "int4", with `group_size` for int4) stores the projections in fewer bits once
+        loaded, as `minqwen.quantize` does; the arguments are checked before anything is read.
 
         The folder is first checked against its SHA256SUMS manifest (a folder without one loads with a warning).
         Every fault (a bad config, a corrupt or truncated file, a missing, unexpected, mis-shaped or non-finite
         tensor) is a LoadError or ConfigError that names the file.
         """
+        if quantize is not None:
+            from minqwen.quant import weight_only  # minqwen.quant imports this module
+
+            weight_only.check_scheme(quantize, group_size)
+        elif group_size is not None:
+            raise ValueError("group_size goes with quantize='int4'; pass both or neither")
         path = Path(path)
         verify_checkpoint(path, trust=True)
         config = ModelConfig.from_file(path)
         with torch.device("meta"):
             model = cls(config)
+        if quantize is not None:
+            weight_only.layers_to_quantize(model, quantize, group_size)
         expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
         if config.tie_word_embeddings:
             expected.pop("lm_head.weight")
@@ -134,6 +148,8 @@ class Qwen2(nn.Module):
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model._init_rope(device)
+        if quantize is not None:
+            weight_only.quantize(model, quantize, group_size=group_size)
         return model.eval()
 
 

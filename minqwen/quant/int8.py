@@ -7,23 +7,21 @@ take to stream. Storing a weight matrix W as int8 values q with a scale s_o per 
 
 cuts its bytes by four against float32 (two against bfloat16). Each output becomes
 y_o = s_o (x . q_o), so the scale is applied once per output, after the products. Activations stay
-floating point: this is weight-only quantization. On a CPU in bfloat16 the product runs in PyTorch's
-packed int8 kernel (`_weight_int8pack_mm`, the op gpt-fast and torchao build on); elsewhere the int8
-matrix is widened to the activations' dtype first.
+floating point: this is weight-only quantization.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minqwen.model.qwen2 import Qwen2
+from minqwen.quant import int8_matvec
 
-PROJECTIONS = {
-    "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
-    "mlp": ("gate_proj", "up_proj", "down_proj"),
-}
+# Rows up to which an eager CUDA product uses the matrix-vector kernel; a longer prompt is a matrix product.
+MATVEC_MAX_ROWS = 16
 
 
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -38,6 +36,46 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return values, scales
 
 
+class Int8Weight(NamedTuple):
+    """What an int8 product reads: the values [out, in] and one scale per output row.
+
+    A tuple of tensors rather than a module, so the fast engine's compiled layer takes it as it
+    takes a float weight, and one compilation serves every layer."""
+
+    values: torch.Tensor
+    scales: torch.Tensor
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T, with W the weight the values and scales stand for.
+
+        - On a CPU in bfloat16: PyTorch's packed int8 kernel (`_weight_int8pack_mm`, the op
+          gpt-fast and torchao build on), which reads the int8 matrix as it is.
+        - On CUDA, for decode (a few rows, or any number inside the fast engine's compiled step):
+          the Triton kernel of `minqwen.quant.int8_matvec`, which streams int8 at the memory limit.
+        - Otherwise (a prompt on CUDA, float32 on a CPU): the int8 matrix widened to the
+          activations' type, then a float product.
+        """
+        scales = self.scales.to(x.dtype)
+        rows = x.numel() // x.shape[-1]
+        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
+            y = torch._weight_int8pack_mm(x.reshape(rows, -1), self.values, scales)
+            return y.reshape(*x.shape[:-1], -1)
+        if (
+            x.device.type == "cuda"
+            and int8_matvec.triton is not None
+            and (rows <= MATVEC_MAX_ROWS or torch.compiler.is_compiling())
+        ):
+            return int8_matvec.int8_matvec(x, self.values, scales)
+        return F.linear(x, self.values.to(x.dtype)) * scales
+
+    @staticmethod
+    def concat(weights: list[Int8Weight]) -> Int8Weight:
+        """One weight whose output rows are those of `weights`, in order (the fused q/k/v)."""
+        return Int8Weight(
+            torch.cat([w.values for w in weights]), torch.cat([w.scales for w in weights])
+        )
+
+
 class Int8Linear(nn.Module):
     """A linear layer whose weight is stored as int8 with per-output-channel scales."""
 
@@ -49,48 +87,16 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales.to(linear.weight.device))
         self.bias = linear.bias
 
+    def quantized_weight(self) -> Int8Weight:
+        return Int8Weight(self.weight_int8, self.scales)
+
     def dequantized_weight(self) -> torch.Tensor:
         """The float32 weight the int8 values and scales stand for."""
-        return self.weight_int8.float() * self.scales[:, None]
+        return self.weight_int8.float() * self.scales[:, None].float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.device.type == "cpu" and x.dtype == torch.bfloat16:
-            rows = x.reshape(-1, self.in_features)
-            scales = self.scales.to(torch.bfloat16)
-            y = torch._weight_int8pack_mm(rows, self.weight_int8, scales)
-            y = y.reshape(*x.shape[:-1], self.out_features)
-        else:
-            y = F.linear(x, self.weight_int8.to(x.dtype)) * self.scales.to(x.dtype)
+        y = self.quantized_weight().matmul(x)
         return y if self.bias is None else y + self.bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
-
-
-def quantize(model: Qwen2, scheme: str = "int8") -> Qwen2:
-    """Quantize a loaded `Qwen2`'s projections in place and return it.
-
-    Every attention and MLP projection becomes an `Int8Linear`. So does an untied LM head; a head
-    tied to the embedding stays as it is, since quantizing it would make a second copy of the
-    largest matrix."""
-    if scheme != "int8":
-        raise ValueError(f"unknown quantization scheme {scheme!r}; this version offers 'int8'")
-    if not isinstance(model, Qwen2):
-        raise ValueError(f"quantize takes a minqwen Qwen2, got {type(model).__name__}")
-    if is_quantized(model):
-        raise ValueError(
-            "this model is already quantized; load it again to quantize it another way"
-        )
-    with torch.no_grad():
-        for layer in model.layers:
-            for part, names in PROJECTIONS.items():
-                module = getattr(layer, part)
-                for name in names:
-                    setattr(module, name, Int8Linear(getattr(module, name)))
-        if model.lm_head.weight is not model.embed_tokens.weight:
-            model.lm_head = Int8Linear(model.lm_head)
-    return model
-
-
-def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, Int8Linear) for m in model.modules())
