@@ -19,7 +19,9 @@ MATHJAX := book/_vendor/mathjax/tex-chtml.js
 LAB_SETTINGS := $(VENV)/share/jupyter/lab/settings/overrides.json
 LAB_ARGS ?=
 
-.PHONY: setup model test lint unit notebooks site site-check browser book execute lab clean
+LLAMACPP_VERSION := 0.3.36
+
+.PHONY: setup model test lint unit notebooks site site-check browser book execute lab clean llamacpp
 
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +34,11 @@ setup: $(VENV)/.installed
 
 model: setup
 	$(PY) -m minqwen fetch $(MINQWEN_MODEL)
+
+## llamacpp: llama.cpp's Python bindings, built from source (about 10 minutes on 2 cores), for the benchmark's
+## `llamacpp` implementation and chapter 6's comparison; not part of `make test`
+llamacpp: setup
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(PY) -m pip install --quiet llama-cpp-python==$(LLAMACPP_VERSION)
 
 ## test: lint, unit tests, every notebook re-executed against its committed outputs, the site built and checked
 test: lint unit notebooks site site-check

@@ -42,6 +42,21 @@ def test_plan_rejects_bad_cells(args, message):
         bench.plan(*args)
 
 
+@pytest.mark.parametrize(
+    "installed, models, batches, message",
+    [
+        (False, ["embedded"], [1], "needs llama-cpp-python: run `make llamacpp` first"),
+        (True, ["0.5B"], [1], "llamacpp runs an embedded model's own GGUF file"),
+        (True, ["embedded"], [1, 4], "use --batches 1"),
+    ],
+)
+def test_llamacpp_is_checked_before_anything_runs(monkeypatch, installed, models, batches, message):
+    spec = object() if installed else None
+    monkeypatch.setattr(bench.importlib.util, "find_spec", lambda name: spec)
+    with pytest.raises(ValueError, match=message):
+        bench.plan(models, ["minqwen-eager", "llamacpp"], batches, [32])
+
+
 @pytest.mark.parametrize("size", ["0.5B", "1.5B", "7B"])
 def test_weight_bytes_count_every_parameter_but_an_untied_embedding(size):
     c = qwen25_config(size)

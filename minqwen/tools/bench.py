@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import fnmatch
 import gc
+import importlib.util
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -43,7 +45,9 @@ from minqwen.model.sizes import (
 )
 from minqwen.tools.hf_adapter import config_of
 
-IMPLS = ("hf-eager", "hf-static-compile", "minqwen-eager", "minqwen-fast")
+IMPLS = ("hf-eager", "hf-static-compile", "minqwen-eager", "minqwen-fast", "llamacpp")
+# Run only when asked for: it needs llama-cpp-python (`make llamacpp`) and an embedded model's GGUF file.
+ON_REQUEST = ("llamacpp",)
 KEYS = (
     "run_id",
     "device",
@@ -84,8 +88,25 @@ def plan(models, impls, batches, prompts, skip=()) -> list[Cell]:
     for n in (*batches, *prompts):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"batch sizes and prompt lengths must be positive ints, got {n!r}")
+    if "llamacpp" in impls:
+        _check_llamacpp(models, batches)
     cells = [Cell(m, i, b, p) for m in models for i in impls for b in batches for p in prompts]
     return [c for c in cells if not any(fnmatch.fnmatch(c.key, pattern) for pattern in skip)]
+
+
+def _check_llamacpp(models, batches) -> None:
+    from minqwen.weights import EMBEDDED
+
+    if importlib.util.find_spec("llama_cpp") is None:
+        raise ValueError(
+            "the llamacpp implementation needs llama-cpp-python: run `make llamacpp` first"
+        )
+    if not set(models) <= set(EMBEDDED):
+        raise ValueError(
+            f"llamacpp runs an embedded model's own GGUF file; use --models {' or '.join(EMBEDDED)}"
+        )
+    if set(batches) != {1}:
+        raise ValueError("llamacpp decodes one sequence at a time here; use --batches 1")
 
 
 # --- models ------------------------------------------------------------------------------------------------
@@ -155,6 +176,33 @@ def _minqwen_fast(fast):
 
 
 # --- timing ------------------------------------------------------------------------------------------------
+
+
+def llamacpp_runner(model: str):
+    """`run(ids, n)` for llama.cpp (through llama-cpp-python) on the embedded model's own GGUF file: greedy, batch 1,
+    every core of the machine, the cache reset before each call, exactly `n` new tokens (no end-of-text stop)."""
+    from llama_cpp import Llama
+
+    from minqwen.weights import EMBEDDED, cache_dir, fetch
+
+    fetch(model)
+    llm = Llama(
+        model_path=str(cache_dir() / "gguf" / EMBEDDED[model].gguf_name),
+        n_ctx=4096,
+        n_threads=os.cpu_count(),
+        verbose=False,
+    )
+
+    def run(ids, new_tokens):
+        prompt = ids[0].tolist()
+        new = []
+        for token in llm.generate(prompt, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            new.append(token)
+            if len(new) == new_tokens:
+                break
+        return torch.tensor([prompt + new])
+
+    return run
 
 
 def _sync(device) -> None:
@@ -405,7 +453,9 @@ def run_bench(
                 from minqwen.engine.fast import FastQwen2
 
                 fast, ours = FastQwen2(ours, bucket=bucket), None
-            if impl.startswith("hf"):
+            if impl == "llamacpp":
+                run = llamacpp_runner(model_name)
+            elif impl.startswith("hf"):
                 run = _hf_generate(hf, static=impl == "hf-static-compile")
             else:
                 run = _minqwen_fast(fast) if impl == "minqwen-fast" else _minqwen_eager(ours)
@@ -473,7 +523,7 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--impls",
         default=None,
-        help=f"comma-separated, from {','.join(IMPLS)} (default: all that run on the device)",
+        help=f"comma-separated, from {','.join(IMPLS)} (default: all that run on the device, except llamacpp)",
     )
     parser.add_argument("--batches", default="1,4,16,64")
     parser.add_argument("--prompts", default="128,2048")
@@ -525,8 +575,10 @@ def cli(args) -> int:
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     if dtype_name not in DTYPE_BYTES:
         raise ValueError(f"--dtype {dtype_name!r}: use {', '.join(DTYPE_BYTES)}")
-    default_impls = (
-        IMPLS if device.type == "cuda" else tuple(i for i in IMPLS if i != "hf-static-compile")
+    default_impls = tuple(
+        i
+        for i in IMPLS
+        if i not in ON_REQUEST and (device.type == "cuda" or i != "hf-static-compile")
     )
     impls = args.impls.split(",") if args.impls else default_impls
     cells = plan(

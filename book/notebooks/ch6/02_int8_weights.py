@@ -91,12 +91,13 @@ figures.rounding_error(in_steps.flatten().numpy())
 #
 # $$ y_o = \sum_i x_i\, s_o q_{oi} = s_o \sum_i x_i\, q_{oi}. $$
 #
-# `Int8Linear` keeps $q$ as int8 and $s$ as float32. On a CPU in bfloat16 the product is PyTorch's packed int8
-# kernel, `torch._weight_int8pack_mm`, which reads the int8 matrix directly; otherwise the int8 matrix is widened
-# to the activations' type first, which saves memory but not time.
+# `Int8Linear` keeps $q$ as int8 and $s$ as float32, and hands both to `Int8Weight.matmul`. On a CPU in bfloat16
+# the product is PyTorch's packed int8 kernel, `torch._weight_int8pack_mm`, which reads the int8 matrix directly; on
+# CUDA a decode step's few rows go to a small Triton kernel ({doc}`03_int4_weights` measures it); otherwise the int8
+# matrix is widened to the activations' type first, which saves memory but not time.
 
 # %%
-show_source(int8.Int8Linear.forward)
+show_source(int8.Int8Weight.matmul)
 
 # %% [markdown]
 # `minqwen.quantize` replaces every attention and MLP projection of a loaded model. This checkpoint's LM head is
@@ -230,8 +231,8 @@ print(repr(tok.decode(greedy["int8"])))
 #   and top-1 agreement near 98%; the changes fall where the model was unsure.
 # - On this CPU, in the run shown, int8 projections with bfloat16 activations decoded several times as fast as
 #   float32 and about twice as fast as bfloat16: decoding speed follows the bytes per token.
-# - `minqwen.quantize(model)` runs through `model(ids)` and `minqwen.generate`; the fast engine refuses a
-#   quantized model with one clear error.
+# - `minqwen.quantize(model)` runs through `model(ids)`, `minqwen.generate` and the fast engine;
+#   {doc}`03_int4_weights` takes the weights down to 4 bits.
 #
 # ## Exercises
 #

@@ -1,0 +1,84 @@
+"""Figures of the int4 page (ch6/03): error against group size, the bits-quality trade-off, GPU decode speed."""
+
+from __future__ import annotations
+
+from helpers import show_figure
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+
+def error_by_group_size(labels: list[str], rms: list[float]) -> None:
+    """Root-mean-square rounding error of one matrix for one scale per row, then smaller groups."""
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    bars = ax.bar(labels, rms, color=["C3"] + ["C0"] * (len(labels) - 1))
+    ax.bar_label(bars, fmt="%.2e", fontsize=8)
+    ax.set(
+        ylabel="RMS error of the weights",
+        title="Layer 0 gate projection in 4 bits: smaller groups, finer steps",
+    )
+    show_figure(fig)
+
+
+def trade_off(quality: pd.DataFrame) -> None:
+    """Perplexity on the held-out text against bits per projection weight, one line per model."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (model, rows) in enumerate(quality.groupby("model", sort=False)):
+        short = model.removeprefix("Qwen2.5-Coder-").removesuffix("-Instruct")
+        quantized = rows.dropna(subset=["bits_per_weight"]).sort_values("bits_per_weight")
+        ax.plot(
+            quantized["bits_per_weight"], quantized["perplexity"], "o-", color=f"C{i}", label=short
+        )
+        for _, r in quantized.iterrows():
+            ax.annotate(
+                r["scheme"],
+                (r["bits_per_weight"], r["perplexity"]),
+                fontsize=8,
+                textcoords="offset points",
+                xytext=(4, 4),
+            )
+        base = rows[rows["scheme"] == "float32"].iloc[0]
+        ax.plot(
+            base["gguf_bits_per_weight"],
+            base["perplexity"],
+            "*",
+            ms=14,
+            color=f"C{i}",
+            label=f"{short}: the GGUF file's own mix (the reference)",
+        )
+    ax.set(
+        xlabel="bits per projection weight (scales and zero points included)",
+        ylabel="perplexity on textwrap.py",
+        title="What fewer bits cost, on real weights",
+    )
+    ax.legend(fontsize=8)
+    show_figure(fig)
+
+
+def gpu_speedups(speedup: pd.DataFrame) -> None:
+    """Decode speed of each variant over bf16's in the same run, batch 1, one group of bars per model size."""
+    variants, sizes = list(speedup.columns), list(speedup.index)
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(9, 3.6))
+    for i, variant in enumerate(variants):
+        x = np.arange(len(sizes)) + (i - (len(variants) - 1) / 2) * width
+        bars = ax.bar(
+            x,
+            speedup[variant].fillna(0),
+            width,
+            label=variant,
+            color=f"C{i}",
+            hatch="//" if variant.startswith("torchao") else None,
+        )
+        ax.bar_label(
+            bars, labels=[f"{v:.2f}" if v == v else "" for v in speedup[variant]], fontsize=7
+        )
+    ax.axhline(1, color="black", lw=1)
+    ax.set_xticks(range(len(sizes)), sizes)
+    ax.set(
+        ylabel="decode speed / bf16's",
+        title="Batch 1 decode on an H200, fast engine (hatched: torchao)",
+    )
+    ax.legend(fontsize=8, ncols=3)
+    show_figure(fig)

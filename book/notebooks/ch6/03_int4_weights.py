@@ -1,0 +1,388 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Weights in 4 bits
+#
+# {doc}`The previous page <02_int8_weights>` halved the bytes of a bfloat16 model and lost nothing measurable.
+# Four bits halve them again, but sixteen levels are coarse: one scale per row no longer works, and the choice of
+# how many weights share a scale becomes a trade of bits against accuracy. This page builds group-wise int4, runs
+# it on PyTorch's own packed int4 kernels, measures what it costs on real text for both book models, and what it
+# buys on this CPU and on an H200.
+#
+# ```{admonition} In this page
+# :class: tip
+# **You will learn**
+# - why 4 bits need a step and an offset per group of weights, not per row, with the formula and its error bound;
+# - how the int4 kernels want their weights: a zero point, two values to a byte, a layout of their own, and how
+#   the kernel itself reads the values back;
+# - the trade-off of bits per weight against perplexity on the real 0.5B and 1.5B models, with the GGUF file's own
+#   mix on the same axes;
+# - what 4 bits buy in decoding speed on a CPU and on an H200, beside torchao, the reference library.
+#
+# **You need** per-channel int8 from {doc}`02_int8_weights` and the block formats of {doc}`01_gguf_blocks`.
+# Running it takes the embedded model (about two minutes); the 1.5B model's numbers and the GPU's are committed
+# data.
+# ```
+
+# %% tags=["hide-input"]
+# %matplotlib inline
+from figures import int4_weights as figures
+from helpers import BOOK, MODEL_SOURCE, model_path, show_source, stamp, tokenizer
+
+import copy
+import importlib.util
+import inspect
+import math
+import textwrap
+
+import pandas as pd
+import torch
+
+import minqwen
+from minqwen.engine.fast import FastQwen2
+from minqwen.quant import int4
+from minqwen.tools import bench
+from minqwen.weights import EMBEDDED
+
+QUANT = BOOK / "data" / "quant"
+model = minqwen.Qwen2.from_pretrained(model_path())
+tok = tokenizer()
+print(stamp())
+
+# %% [markdown]
+# ## Why groups
+#
+# With 16 levels, one scale per row puts the step at a fifteenth of the row's range: a single large weight
+# coarsens every other weight of the row. So int4 cuts each row into groups of $g$ consecutive input weights and
+# gives each group its own step $s$ and minimum $m$. The grid is asymmetric, from the group's own minimum to its
+# own maximum, which spends all sixteen levels on values the group actually has:
+#
+# $$
+# s = \frac{\max_i w_i - \min_i w_i}{15}, \qquad q_i = \operatorname{round}\!\left(\frac{w_i - m}{s}\right)
+# \in [0, 15], \qquad |m + s\,q_i - w_i| \le \frac{s}{2}.
+# $$
+#
+# A group of $g$ weights stores $4g$ bits of values and two 16-bit numbers: $4 + 32/g$ bits per weight, 4.25 at
+# $g = 128$ and 5 at $g = 32$.
+
+# %%
+show_source(int4.quantize_groupwise)
+
+# %% [markdown]
+# On the first layer's gate projection every weight lands within half a step of its level, and the error falls as
+# the groups shrink; one scale per row (the red bar) is several times worse:
+
+# %%
+weight = model.layers[0].mlp.gate_proj.weight.detach()
+rms = {}
+for g in (weight.shape[1], 128, 64, 32):
+    values, steps, minimums = int4.quantize_groupwise(weight, g)
+    grid = minimums[..., None] + steps[..., None] * values.float().reshape(
+        *steps.shape, g
+    )
+    error = grid.reshape(weight.shape) - weight
+    assert (error.abs() <= steps.repeat_interleave(g, dim=1) / 2 + 1e-6).all()
+    rms["per row" if g == weight.shape[1] else f"g = {g}"] = (
+        error.square().mean().sqrt().item()
+    )
+figures.error_by_group_size(list(rms), list(rms.values()))
+
+# %% [markdown]
+# ## The kernels' form
+#
+# PyTorch ships int4 matrix products for both devices: `_weight_int4pack_mm` on CUDA (from the tinygemm library)
+# and its CPU twin `_weight_int4pack_mm_for_cpu`. They are what torchao and gpt-fast build on. They take the same
+# grid written with a zero point $z = m + 8s$,
+#
+# $$ w \approx (q - 8)\,s + z, $$
+#
+# the steps and zero points as one bfloat16 tensor, and the values two to a byte in a tiled layout of their own,
+# different for each device. `Int4Linear` packs its weight for the device it is quantized on, and runs every
+# product in bfloat16, the only type in which both kernels are fast:
+
+# %%
+show_source(int4.Int4Weight.matmul)
+
+# %% [markdown]
+# The packed layout is not meant to be read, but the fast engine must join the q, k and v projections into one
+# product, and the layout's tiles need not line up with each part. The kernel itself reads the values back: with
+# the identity as input, and a step of 1 and zero point of 8 for every group, it returns $(q - 8) + 8 = q$.
+
+# %%
+show_source(int4.Int4Weight.unpacked)
+
+# %%
+layer = int4.Int4Linear(model.layers[0].mlp.gate_proj, 32)
+values, _, _ = int4.quantize_groupwise(model.layers[0].mlp.gate_proj.weight, 32)
+assert torch.equal(layer.quantized_weight().unpacked(), values)
+x = torch.randn(4, layer.in_features, generator=torch.Generator().manual_seed(0))
+exact = x.double() @ layer.dequantized_weight().double().T
+relative = ((layer(x).double() - exact).abs().max() / exact.abs().max()).item()
+print(
+    f"values read back exactly; product within {relative:.1e} of the exact one (bfloat16 inputs)"
+)
+assert relative < 2**-7
+
+# %% [markdown]
+# ## What it costs, on real text
+#
+# The same test as the int8 page: the first 1,024 tokens of Python's `textwrap.py`, perplexity, the mean KL
+# divergence from the float32 model's next-token distribution, and top-1 agreement. One caveat shapes the whole
+# comparison: the book's float32 weights *are* the GGUF file dequantized, already 5.5 bits per projection weight
+# for the 0.5B model ({doc}`01_gguf_blocks`). Every scheme below quantizes on top of that, so "float32" here is the
+# GGUF mix, and the star in the figure is that mix at its own bits.
+#
+# `scripts/quant_quality.py` measured every scheme on both models (the 1.5B takes several minutes on this CPU). This
+# page recomputes the 0.5B's int4 point at $g = 32$ and checks it against the committed line:
+
+# %%
+quality = pd.read_json(QUANT / "quality-cpu-2026-11-30.jsonl", lines=True)
+text_ids = torch.tensor([tok(inspect.getsource(textwrap))["input_ids"][:1024]])
+quantized = minqwen.quantize(copy.deepcopy(model), "int4", group_size=32)
+with torch.no_grad():
+    log_p = model(text_ids).float().log_softmax(-1)[0]
+    log_q = quantized(text_ids).float().log_softmax(-1)[0]
+perplexity = math.exp(-log_q[:-1].gather(1, text_ids[0, 1:, None]).mean())
+committed = quality.set_index(["model", "scheme"]).loc[
+    ("Qwen2.5-Coder-0.5B-Instruct", "int4-g32")
+]
+print(
+    f"int4, g = 32: perplexity {perplexity:.3f} here, {committed['perplexity']:.3f} committed"
+)
+assert abs(perplexity / committed["perplexity"] - 1) < 0.01
+
+# %% tags=["hide-input"]
+table = quality.assign(
+    model=quality["model"]
+    .str.removeprefix("Qwen2.5-Coder-")
+    .str.removesuffix("-Instruct")
+)
+table["perplexity vs float32"] = table.groupby("model")["perplexity"].transform(
+    lambda p: p / p.iloc[0] - 1
+)
+table = table.set_index(["model", "scheme"])[
+    [
+        "bits_per_weight",
+        "perplexity",
+        "perplexity vs float32",
+        "kl_nats",
+        "top1_agreement",
+    ]
+]
+table.style.format(
+    {
+        "bits_per_weight": "{:.2f}",
+        "perplexity": "{:.3f}",
+        "perplexity vs float32": "{:+.1%}",
+        "kl_nats": "{:.4f}",
+        "top1_agreement": "{:.1%}",
+    },
+    na_rep="",
+)
+
+# %% [markdown]
+# Three things stand out. int8 costs nothing measurable on either model. int4 costs real accuracy on the 0.5B, and
+# smaller groups buy it back: the KL divergence falls by more than half from $g = 128$ to $g = 32$ (perplexity,
+# measured on one text, is noisier than KL and not monotonic in $g$). And the 1.5B model loses much less than the
+# 0.5B at every setting: small models have the least redundancy to spare.
+
+# %% tags=["hide-input"]
+figures.trade_off(quality)
+
+# %% [markdown]
+# ## What it buys on this CPU
+#
+# Three versions of the 0.5B, timed side by side through the fast engine (on a CPU it runs eagerly, with the fused
+# projections): bfloat16, int8 and int4 at $g = 32$, with float32 through the eager loop as the baseline. Where
+# llama.cpp's Python bindings are installed (`make llamacpp`, about ten minutes of compiling, so not part of
+# `make test`), llama.cpp decoding the model's own GGUF file joins the same table: the run shown had them, a
+# re-execution without them leaves that row out. Timings vary with the machine and its load, so this output is not
+# compared between runs and nothing asserts on it.
+
+# %% tags=["nbval-ignore-output"]
+bf16 = copy.deepcopy(model).to(torch.bfloat16)
+
+
+def fast_run(m):
+    engine = FastQwen2(m)
+    return lambda ids, n: engine.generate(ids, n, do_sample=False, eos_token_id=[])
+
+
+contenders = {
+    "float32, eager loop": lambda ids, n: minqwen.generate(
+        model, ids, n, do_sample=False, eos_token_id=[]
+    ),
+    "bfloat16": fast_run(bf16),
+    "int8 + bfloat16": fast_run(minqwen.quantize(copy.deepcopy(bf16), "int8")),
+    "int4 g=32 + bfloat16": fast_run(
+        minqwen.quantize(copy.deepcopy(bf16), "int4", group_size=32)
+    ),
+}
+if MODEL_SOURCE in EMBEDDED and importlib.util.find_spec("llama_cpp"):
+    contenders["llama.cpp, the GGUF file"] = bench.llamacpp_runner(MODEL_SOURCE)
+speed = pd.DataFrame(
+    {
+        name: bench.measure(run, text_ids[:, :32], 12, repeats=3)
+        for name, run in contenders.items()
+    }
+).T[["decode_tok_s"]]
+speed["vs float32"] = speed["decode_tok_s"] / speed["decode_tok_s"].iloc[0]
+speed.round(2)
+
+# %% [markdown]
+# In the run shown, int4 decoded several times as fast as float32, well ahead of int8, and level with llama.cpp
+# reading its own GGUF file (5.5 bits per weight, in hand-written SIMD kernels). On a CPU the bytes per token set
+# the pace, and PyTorch's int4 kernel reads four bits per weight directly. int8 trails: its packed kernel is less
+# tuned than the int4 one, and it reads 8 bits. What stands in the way of more is no longer the weights: each step
+# still makes a few hundred small Python-level calls, and the embedding, norms and attention stay in floating
+# point.
+#
+# ## What it buys on an H200
+#
+# `scripts/gpu_quant_bench.py` timed the fast engine with random weights of the real configs, bf16 activations,
+# batch 1, prompt 128, 128 new tokens, every variant side by side in one process. torchao 0.18's weight-only int8
+# and int4 ($g = 128$, tinygemm's layout, the kernel ours uses) ran on the same fused weights through the same
+# engine, as the reference. Each ratio is against bf16 measured in the same process; blanks were not measured
+# (the GPU call ran out of time).
+
+# %% tags=["hide-input"]
+runs = pd.read_json(QUANT / "decode-nvidia-h200-2026-11-30.jsonl", lines=True)
+runs = runs[runs["batch_size"] == 1]
+same_run_bf16 = runs[runs["variant"] == "bf16"].set_index(["run", "model"])[
+    "decode_tok_s"
+]
+runs["vs bf16"] = (
+    runs["decode_tok_s"].to_numpy()
+    / same_run_bf16.loc[list(zip(runs["run"], runs["model"]))].to_numpy()
+)
+# int8 as committed (the Triton kernel) ran in run 3; every other variant in runs 1 and 2 (NOTES.md)
+committed_int8 = runs["int8_path"].fillna("").str.startswith("Triton matrix-vector")
+kept = runs[(runs["run"].isin([1, 2]) & (runs["variant"] != "int8")) | committed_int8]
+speedup = kept.pivot(index="model", columns="variant", values="vs bf16")
+speedup = speedup[
+    ["int8", "int4-g128", "int4-g32", "torchao-int8", "torchao-int4-g128"]
+]
+figures.gpu_speedups(speedup)
+speedup.insert(
+    0,
+    "bf16 tok/s",
+    kept[kept["variant"] == "bf16"].set_index("model")["decode_tok_s"].round(),
+)
+speedup.round(2)
+
+# %% [markdown]
+# At 7B, int4 decodes 1.57 times as fast as bf16, ahead of torchao's 1.45 on the same weights, but short of the 2
+# times its bytes allow: it runs at about a third of its own byte roofline, so the tinygemm kernel at one row, not
+# memory, sets its pace. int8 gains nothing on the GPU yet: compiled PyTorch widens int8 to bf16 at about 1 TB/s,
+# and the book's first Triton kernel for it (`minqwen.quant.int8_matvec`) does no better; torchao's int8 reaches
+# 1.32 times at one row and collapses at eight. At 0.5B and 1.5B the step is bound by kernel launches
+# ({doc}`../ch5/01_decode_profile`), so fewer bytes change nothing. `book/data/bench/NOTES.md` records each
+# attempt.
+#
+# ## Quantizing at load time, and from the command line
+#
+# `Qwen2.from_pretrained(path, quantize="int4", group_size=32)` loads and quantizes in one call, and the command
+# line takes the same choice:
+#
+# ```
+# python -m minqwen generate "Write a Python function that reverses a string." --quantize int4 --group-size 32 --dtype bfloat16
+# ```
+#
+# Bad choices fail before any weight is read: a group size that does not divide a layer's inputs names the layer.
+
+# %%
+try:
+    minqwen.Qwen2.from_pretrained(model_path(), quantize="int4", group_size=256)
+except ValueError as error:
+    print(error)
+
+# %% [markdown]
+# The fast engine runs a quantized model with its q/k/v and gate/up still joined. On the CPU it gives the eager
+# loop's tokens exactly:
+
+# %%
+question = tok.apply_chat_template(
+    [{"role": "user", "content": "Write a Python function that reverses a string."}],
+    add_generation_prompt=True,
+    return_tensors="pt",
+)["input_ids"]
+eager = minqwen.generate(quantized, question, 24, do_sample=False, eos_token_id=[])
+assert torch.equal(
+    FastQwen2(quantized).generate(question, 24, do_sample=False, eos_token_id=[]), eager
+)
+print(repr(tok.decode(eager[0, question.shape[1] :])))
+
+# %% [markdown]
+# ## Summary
+#
+# - Group-wise int4 stores $q = \operatorname{round}((w - m)/s) \in [0, 15]$ with a step $s$ and minimum $m$ per
+#   group of $g$ inputs: $4 + 32/g$ bits per weight, each weight within $s/2$.
+# - PyTorch's int4 kernels take the grid as $(q - 8)s + z$, values packed two to a byte in a per-device layout; the
+#   kernel itself reads the values back, which is how the fast engine joins projections.
+# - On real text int8 is free; int4 costs the 0.5B model about 9% perplexity at $g = 32$ and the 1.5B much less;
+#   smaller groups buy accuracy for bits.
+# - On this CPU int4 decodes several times as fast as float32; on an H200 it gives 1.57 times bf16 at 7B, and
+#   nothing at the launch-bound small sizes. int8 on the GPU needs a better kernel than the book has yet.
+#
+# ## Exercises
+#
+# ````{exercise}
+# :label: int4-symmetric
+# Quantize the same gate projection with a symmetric grid, levels $-8 \dots 7$ times $\max|w| / 7.5$ per group of
+# 32 and no zero point. How does its RMS error compare with the asymmetric grid's?
+# ````
+#
+# ```{solution-start} int4-symmetric
+# :class: dropdown
+# ```
+
+# %%
+groups = weight.reshape(weight.shape[0], -1, 32)
+scale = groups.abs().amax(-1, keepdim=True) / 7.5
+symmetric = (torch.round(groups / scale).clamp(-8, 7) * scale).reshape(
+    weight.shape
+) - weight
+print(
+    f"RMS error: symmetric {symmetric.square().mean().sqrt():.3e}, asymmetric {rms['g = 32']:.3e}"
+)
+
+# %% [markdown]
+# The symmetric grid must reach the larger of the two ends on both sides, so its step is coarser whenever a group
+# is lopsided; the zero point costs 16 bits per group and buys that back.
+#
+# ```{solution-end}
+# ```
+#
+# ````{exercise}
+# :label: int4-bytes
+# Count the bytes of the int4 model's quantized layers at $g = 32$: how many bits per weight, and how many bytes
+# in all against the float32 model's projections?
+# ````
+#
+# ```{solution-start} int4-bytes
+# :class: dropdown
+# ```
+
+# %%
+layers = [m for m in quantized.modules() if isinstance(m, int4.Int4Linear)]
+count = sum(m.in_features * m.out_features for m in layers)
+stored = sum(m.weight_int4.numel() + 2 * m.scales_and_zeros.numel() for m in layers)
+print(f"{8 * stored / count:.3f} bits per weight")
+print(f"{stored / 1e6:.0f} MB, against {4 * count / 1e6:.0f} MB in float32")
+
+# %% [markdown]
+# Five bits per weight at $g = 32$: the packed values take four and the bfloat16 step and zero point one more.
+#
+# ```{solution-end}
+# ```
