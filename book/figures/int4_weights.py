@@ -22,35 +22,38 @@ def error_by_group_size(labels: list[str], rms: list[float]) -> None:
 
 
 def trade_off(quality: pd.DataFrame) -> None:
-    """Perplexity on the held-out text against bits per projection weight, one line per model."""
+    """Perplexity over the float32 model's against bits per projection weight, one line per model."""
     fig, ax = plt.subplots(figsize=(8, 4))
     for i, (model, rows) in enumerate(quality.groupby("model", sort=False)):
         short = model.removeprefix("Qwen2.5-Coder-").removesuffix("-Instruct")
+        base = rows[rows["scheme"] == "float32"].iloc[0]
         quantized = rows.dropna(subset=["bits_per_weight"]).sort_values("bits_per_weight")
-        ax.plot(
-            quantized["bits_per_weight"], quantized["perplexity"], "o-", color=f"C{i}", label=short
-        )
-        for _, r in quantized.iterrows():
+        cost = 100 * (quantized["perplexity"] / base["perplexity"] - 1)
+        ax.plot(quantized["bits_per_weight"], cost, "o-", color=f"C{i}", label=short)
+        for j, (bits, c, scheme) in enumerate(
+            zip(quantized["bits_per_weight"], cost, quantized["scheme"])
+        ):
             ax.annotate(
-                r["scheme"],
-                (r["bits_per_weight"], r["perplexity"]),
+                scheme,
+                (bits, c),
                 fontsize=8,
                 textcoords="offset points",
-                xytext=(4, 4),
+                xytext=(4, 6 if (i + j) % 2 else -12),
+                color=f"C{i}",
             )
-        base = rows[rows["scheme"] == "float32"].iloc[0]
         ax.plot(
             base["gguf_bits_per_weight"],
-            base["perplexity"],
+            0,
             "*",
             ms=14,
             color=f"C{i}",
-            label=f"{short}: the GGUF file's own mix (the reference)",
+            label=f"{short}: the GGUF file's own mix, the reference",
         )
+    ax.axhline(0, color="black", lw=0.8)
     ax.set(
         xlabel="bits per projection weight (scales and zero points included)",
-        ylabel="perplexity on textwrap.py",
-        title="What fewer bits cost, on real weights",
+        ylabel="perplexity over float32's (%)",
+        title="What fewer bits cost on textwrap.py, on real weights",
     )
     ax.legend(fontsize=8)
     show_figure(fig)
