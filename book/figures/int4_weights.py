@@ -22,26 +22,27 @@ def error_by_group_size(labels: list[str], rms: list[float]) -> None:
 
 
 def trade_off(quality: pd.DataFrame) -> None:
-    """Perplexity over the float32 model's against bits per projection weight, one line per model."""
-    fig, ax = plt.subplots(figsize=(8, 4))
+    """Perplexity over the float32 model's, and the KL divergence from it, against bits per projection weight."""
+    fig, (cost_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))
     for i, (model, rows) in enumerate(quality.groupby("model", sort=False)):
         short = model.removeprefix("Qwen2.5-Coder-").removesuffix("-Instruct")
         base = rows[rows["scheme"] == "float32"].iloc[0]
         quantized = rows.dropna(subset=["bits_per_weight"]).sort_values("bits_per_weight")
         cost = 100 * (quantized["perplexity"] / base["perplexity"] - 1)
-        ax.plot(quantized["bits_per_weight"], cost, "o-", color=f"C{i}", label=short)
-        for j, (bits, c, scheme) in enumerate(
-            zip(quantized["bits_per_weight"], cost, quantized["scheme"])
-        ):
-            ax.annotate(
-                scheme,
-                (bits, c),
-                fontsize=8,
-                textcoords="offset points",
-                xytext=(4, 6 if (i + j) % 2 else -12),
-                color=f"C{i}",
-            )
-        ax.plot(
+        for ax, y in ((cost_ax, cost), (kl_ax, quantized["kl_nats"])):
+            ax.plot(quantized["bits_per_weight"], y, "o-", color=f"C{i}", label=short)
+            for j, (bits, value, scheme) in enumerate(
+                zip(quantized["bits_per_weight"], y, quantized["scheme"])
+            ):
+                ax.annotate(
+                    scheme,
+                    (bits, value),
+                    fontsize=7,
+                    color=f"C{i}",
+                    textcoords="offset points",
+                    xytext=(4, 6 if (i + j) % 2 else -12),
+                )
+        cost_ax.plot(
             base["gguf_bits_per_weight"],
             0,
             "*",
@@ -49,13 +50,19 @@ def trade_off(quality: pd.DataFrame) -> None:
             color=f"C{i}",
             label=f"{short}: the GGUF file's own mix, the reference",
         )
-    ax.axhline(0, color="black", lw=0.8)
-    ax.set(
+    cost_ax.axhline(0, color="black", lw=0.8)
+    cost_ax.set(
         xlabel="bits per projection weight (scales and zero points included)",
         ylabel="perplexity over float32's (%)",
-        title="What fewer bits cost on textwrap.py, on real weights",
+        title="Perplexity on textwrap.py",
     )
-    ax.legend(fontsize=8)
+    kl_ax.set(
+        xlabel="bits per projection weight",
+        ylabel="mean KL divergence from float32 (nats)",
+        yscale="log",
+        title="How far the next-token distribution moves",
+    )
+    cost_ax.legend(fontsize=7)
     show_figure(fig)
 
 

@@ -32,8 +32,9 @@ def quantize_groupwise(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """uint8 values [out, in] in 0..15, and float32 steps and minimums [out, in // group_size].
 
-    weight ~ minimums + steps * values, group by group, each value off by at most half a step. A
-    constant group keeps a tiny nonzero step, so that nothing divides by zero and it stays exact."""
+    weight ~ minimums + steps * values, group by group, each value off by at most half a step on this
+    float32 grid (`Int4Linear` stores the steps and zero points in bfloat16, which moves each level by a
+    little more). A constant group keeps a tiny nonzero step, so that nothing divides by zero."""
     out_features, in_features = weight.shape
     w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
     minimums, maximums = w.amin(dim=-1), w.amax(dim=-1)

@@ -51,7 +51,8 @@ class Int8Weight(NamedTuple):
         - On a CPU in bfloat16: PyTorch's packed int8 kernel (`_weight_int8pack_mm`, the op
           gpt-fast and torchao build on), which reads the int8 matrix as it is.
         - On CUDA, for decode (a few rows, or any number inside the fast engine's compiled step):
-          the Triton kernel of `minqwen.quant.int8_matvec`, which streams int8 at the memory limit.
+          the Triton kernel of `minqwen.quant.int8_matvec`, which reads the int8 matrix as it is
+          (on an H200 not yet faster than bfloat16: book/data/bench/NOTES.md).
         - Otherwise (a prompt on CUDA, float32 on a CPU): the int8 matrix widened to the
           activations' type, then a float product.
         """

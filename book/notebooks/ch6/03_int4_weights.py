@@ -73,8 +73,9 @@ print(stamp())
 # \in [0, 15], \qquad |m + s\,q_i - w_i| \le \frac{s}{2}.
 # $$
 #
-# A group of $g$ weights stores $4g$ bits of values and two 16-bit numbers: $4 + 32/g$ bits per weight, 4.25 at
-# $g = 128$ and 5 at $g = 32$.
+# The bound holds on this float32 grid. The layer keeps each group's two numbers in bfloat16 (the next section
+# says why), which moves a level by a little more. A group of $g$ weights then stores $4g$ bits of values and two
+# 16-bit numbers: $4 + 32/g$ bits per weight, 4.25 at $g = 128$ and 5 at $g = 32$.
 
 # %%
 show_source(int4.quantize_groupwise)
@@ -101,9 +102,11 @@ figures.error_by_group_size(list(rms), list(rms.values()))
 # %% [markdown]
 # ## The kernels' form
 #
-# PyTorch ships int4 matrix products for both devices: `_weight_int4pack_mm` on CUDA (from the tinygemm library)
-# and its CPU twin `_weight_int4pack_mm_for_cpu`. They are what torchao and gpt-fast build on. They take the same
-# grid written with a zero point $z = m + 8s$,
+# PyTorch ships int4 matrix products for both devices: `_weight_int4pack_mm` on CUDA, from tinygemm (a library of
+# matrix kernels for one or a few rows of input), and its CPU twin `_weight_int4pack_mm_for_cpu`. They are what
+# torchao and gpt-fast build on. They read each 4-bit value as a signed number $q - 8$ in $-8 \dots 7$, and take
+# the same grid written with $z = m + 8s$, the real value of level 8, which they call the zero point (elsewhere a
+# zero point is often an integer level):
 #
 # $$ w \approx (q - 8)\,s + z, $$
 #
@@ -141,7 +144,8 @@ assert relative < 2**-7
 # divergence from the float32 model's next-token distribution, and top-1 agreement. One caveat shapes the whole
 # comparison: the book's float32 weights *are* the GGUF file dequantized, already 5.5 bits per projection weight
 # for the 0.5B model ({doc}`01_gguf_blocks`). Every scheme below quantizes on top of that, so "float32" here is the
-# GGUF mix, and the star in the figure is that mix at its own bits.
+# GGUF mix, and the star in the figure is that mix at its own bits. As on the int8 page, `minqwen.quantize` takes
+# every projection and the LM head, which both checkpoints keep apart from the embedding.
 #
 # `scripts/quant_quality.py` measured every scheme on both models (the 1.5B takes several minutes on this CPU). This
 # page recomputes the 0.5B's int4 point at $g = 32$ and checks it against the committed line:
@@ -179,7 +183,8 @@ columns = {
     "top1_agreement": "top-1 agreement",
 }
 table = table.set_index(["model", "scheme"])[list(columns)].rename(columns=columns)
-table.style.format(
+# A fixed uuid keeps the table's HTML the same from run to run (Styler draws a random one).
+table.style.set_uuid("int4-quality").format(
     {
         "bits per weight": "{:.2f}",
         "perplexity": "{:.3f}",
@@ -193,8 +198,9 @@ table.style.format(
 # %% [markdown]
 # Three things stand out. int8 costs nothing measurable on either model. int4 costs real accuracy on the 0.5B, and
 # smaller groups buy it back: the KL divergence falls by more than half from $g = 128$ to $g = 32$ (perplexity,
-# measured on one text, is noisier than KL and not monotonic in $g$). And the 1.5B model loses much less than the
-# 0.5B at every setting: small models have the least redundancy to spare.
+# measured on one text, is noisier than KL and not monotonic in $g$). And the 1.5B model's distribution moves about
+# half as far as the 0.5B's at every setting (its perplexity cost is close to the 0.5B's at $g = 64$ and $128$),
+# though the two start from different GGUF mixes, 5.5 and 4.8 bits.
 
 # %% tags=["hide-input"]
 figures.trade_off(quality)
@@ -242,9 +248,9 @@ speed.round(2)
 # %% [markdown]
 # In the run shown, int4 decoded several times as fast as float32, well ahead of int8, and close to llama.cpp
 # reading its own GGUF file (5.5 bits per weight, in hand-written SIMD kernels). Across the runs made for this page
-# on this 2-core machine, int4 ranged from 85% to 100% of llama.cpp's speed and int8 from 60% to 65%. On a CPU the
-# bytes per token set the pace, and PyTorch's int4 kernel reads four bits per weight directly; int8 reads twice the
-# bytes through a less tuned kernel. What stands in the way of more is no longer the weights: each step still makes
+# on this 2-core machine, int4 ranged from 85% to 102% of llama.cpp's speed and int8 from 60% to 70%. On a CPU the
+# bytes per token set the pace, and PyTorch's int4 kernel reads the packed values directly (5 bits per weight at
+# $g = 32$, with the steps and zero points); int8 reads 8 through a less tuned kernel. NOTES.md records both runs. What stands in the way of more is no longer the weights: each step still makes
 # a few hundred small Python-level calls, and the embedding, norms and attention stay in floating point.
 #
 # ## What it buys on an H200
@@ -252,8 +258,9 @@ speed.round(2)
 # `scripts/gpu_quant_bench.py` timed the fast engine with random weights of the real configs, bf16 activations,
 # batch 1, prompt 128, 128 new tokens, every variant side by side in one process. torchao 0.18's weight-only int8
 # and int4 ($g = 128$, tinygemm's layout, the kernel ours uses) ran on the same fused weights through the same
-# engine, as the reference. Each ratio is against bf16 measured in the same process; blanks were not measured
-# (the GPU call ran out of time).
+# engine, as the reference. Each ratio is against bf16 measured in the same process: int8 in run 3 (bf16 at 995
+# and 224 tok/s there), every other variant in runs 1 and 2, whose bf16 speed the first column shows. Cells marked
+# "not measured" were left when a GPU call ran out of time.
 
 # %% tags=["hide-input"]
 runs = pd.read_json(QUANT / "decode-nvidia-h200-2026-11-30.jsonl", lines=True)
@@ -278,17 +285,19 @@ speedup.insert(
     "bf16 tok/s",
     kept[kept["variant"] == "bf16"].set_index("model")["decode_tok_s"].round(),
 )
-speedup.style.format("{:.2f}", na_rep="not measured").format(
+speedup.style.set_uuid("int4-gpu").format("{:.2f}", na_rep="not measured").format(
     "{:.0f}", subset=["bf16 tok/s"]
 )
 
 # %% [markdown]
-# At 7B, int4 decodes 1.57 times as fast as bf16, ahead of torchao's 1.45 on the same weights, but short of the 2
-# times its bytes allow: it runs at about a third of its own byte roofline, so the tinygemm kernel at one row, not
-# memory, sets its pace. int8 gains nothing on the GPU yet: compiled PyTorch widens int8 to bf16 at about 1 TB/s,
-# and the book's first Triton kernel for it (`minqwen.quant.int8_matvec`) does no better; torchao's int8 reaches
-# 1.32 times at one row and collapses at eight. At 0.5B and 1.5B the step is bound by kernel launches
-# ({doc}`../ch5/01_decode_profile`), so fewer bytes change nothing. `book/data/bench/NOTES.md` records each
+# At 7B, int4 decodes 1.57 times as fast as bf16, ahead of torchao's 1.45 on the same weights, but short of the 3.8
+# times its bytes allow (3.8 GB a step against 14.1): it runs at about a third of its own byte
+# {doc}`roofline <../ch4/05_performance>`, so the tinygemm kernel at one row, not memory, sets its pace. int8 gains
+# nothing on the GPU yet: compiled PyTorch widens int8 to bf16 at about 1 TB/s, and the book's first Triton kernel
+# for it (`minqwen.quant.int8_matvec`) does no better; torchao's int8 reaches 1.32 times at one row, and at batch 8
+# falls to 55 tok/s against bf16's 1,655 (in the committed data). At 0.5B and 1.5B the step is bound by kernel
+# launches ({doc}`../ch5/01_decode_profile`), so fewer bytes do not help, and the extra work of unpacking makes
+# several variants slower, int8 at 0.5B most (0.66), where its kernel leaves most multiprocessors idle. `book/data/bench/NOTES.md` records each
 # attempt.
 #
 # ## Quantizing at load time, and from the command line
@@ -329,13 +338,14 @@ print(tok.decode(eager[0, question.shape[1] :]))
 # ## Summary
 #
 # - Group-wise int4 stores $q = \operatorname{round}((w - m)/s) \in [0, 15]$ with a step $s$ and minimum $m$ per
-#   group of $g$ inputs: $4 + 32/g$ bits per weight, each weight within $s/2$.
+#   group of $g$ inputs: $4 + 32/g$ bits per weight, each weight within $s/2$ of the float32 grid.
 # - PyTorch's int4 kernels take the grid as $(q - 8)s + z$, values packed two to a byte in a per-device layout; the
 #   kernel itself reads the values back, which is how the fast engine joins projections.
 # - On real text int8 is free; int4 costs the 0.5B model about 9% perplexity at $g = 32$ and the 1.5B much less;
 #   smaller groups buy accuracy for bits.
 # - On this CPU int4 decodes several times as fast as float32; on an H200 it gives 1.57 times bf16 at 7B, and
-#   nothing at the launch-bound small sizes. int8 on the GPU needs a better kernel than the book has yet.
+#   nothing, or less than nothing, at the launch-bound small sizes. int8 on the GPU needs a better kernel than the
+#   book has yet.
 #
 # ## Exercises
 #
@@ -368,8 +378,9 @@ print(
 #
 # ````{exercise}
 # :label: int4-bytes
-# Count the bytes of the int4 model's quantized layers at $g = 32$: how many bits per weight, and how many bytes
-# in all against the float32 model's projections?
+# Count the bytes of the int4 model's quantized layers at $g = 32$ (every projection, and the LM head, which this
+# checkpoint keeps apart from the embedding): how many bits per weight, and how many bytes in all against the same
+# layers in float32?
 # ````
 #
 # ```{solution-start} int4-bytes
@@ -379,7 +390,7 @@ print(
 # %%
 layers = [m for m in quantized.modules() if isinstance(m, int4.Int4Linear)]
 count = sum(m.in_features * m.out_features for m in layers)
-stored = sum(m.weight_int4.numel() + 2 * m.scales_and_zeros.numel() for m in layers)
+stored = sum(m.weight_int4.nbytes + m.scales_and_zeros.nbytes for m in layers)
 print(f"{8 * stored / count:.3f} bits per weight")
 print(f"{stored / 1e6:.0f} MB, against {4 * count / 1e6:.0f} MB in float32")
 
