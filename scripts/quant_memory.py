@@ -19,8 +19,6 @@ import sys
 from pathlib import Path
 
 SCHEMES = ("float32", "bfloat16", "int8", "int4-g32", "int4-g128")
-# Bits per weight of each format, scales and zero points included (int8: a float32 scale per row).
-PREDICTED_BITS = {"int8": None, "int4-g32": 4 + 32 / 32, "int4-g128": 4 + 32 / 128}
 
 
 def measure(source: str, scheme: str) -> dict:
@@ -41,10 +39,15 @@ def measure(source: str, scheme: str) -> dict:
     layers = [m for m in model.modules() if isinstance(m, QUANTIZED_LAYERS)]
     weights = sum(m.in_features * m.out_features for m in layers)
     held = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
-    quantized_held = sum(t.nbytes for m in layers for t in (*m.buffers(),))
-    bits = PREDICTED_BITS.get(scheme)
-    if scheme == "int8":
+    quantized_held = sum(t.nbytes for m in layers for t in m.buffers())
+    # Bits per weight of the format, scales and zero points included: int8 adds a float32 scale per row,
+    # int4 a bfloat16 step and zero point per group.
+    if quantize == "int8":
         bits = 8 + 32 * sum(m.out_features for m in layers) / weights
+    elif quantize == "int4":
+        bits = 4 + 32 / int(group)
+    else:
+        bits = None
     minqwen.generate(model, torch.tensor([[9707, 11, 1879]]), 16, do_sample=False, eos_token_id=[])
     return {
         "model": source,
