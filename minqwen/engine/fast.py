@@ -17,6 +17,10 @@ for the host. This engine removes that overhead, in four moves:
   layer, the head and the sampler, is captured as one CUDA graph and replayed for each new token. Prompt lengths
   are bucketed (`bucket` positions at a time), so any prompt in a bucket reuses the graph.
 
+The prompt is prefilled `prefill_chunk` tokens at a time (chapter 5), so a long prompt needs one chunk's
+activations. On a GPU the work around each chunk's attention is compiled, and a prompt that fits in one chunk is
+prefilled by one CUDA graph per padded length.
+
 It takes the arguments of `minqwen.generate`, resolved by the same `minqwen.engine.request.prepare`, so defaults, end
 tokens, padding and input checks are those of the eager loop. On a CPU the step runs eagerly (no compiler, no
 graph) with the eager loop's own processors and `torch.multinomial`: its tokens equal `minqwen.generate`'s for
@@ -31,6 +35,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from minqwen.engine import decode_attention
 from minqwen.engine.request import GenerationRequest, NumericalError, prepare
@@ -41,7 +46,7 @@ from minqwen.engine.sampling import (
     seen_tokens,
     select_next_token,
 )
-from minqwen.model.layers import attend, rms_norm
+from minqwen.model.layers import rms_norm
 from minqwen.model.qwen2 import Qwen2
 from minqwen.model.rope import apply_rope, rope_cos_sin
 from minqwen.quant.weight_only import fused_weight, weight_of
@@ -134,14 +139,27 @@ def _finish(x, attended, w: LayerWeights, s: Shape):
     return x + linear(F.silu(gate) * up, w.down_weight)
 
 
-def prefill_layer(x, cos, sin, mask, keys, values, w: LayerWeights, s: Shape):
-    """A whole prompt through one layer; its keys and values land in slots [0, seq) of the cache."""
-    batch, seq, _ = x.shape
+def prefill_qkv(x, cos, sin, w: LayerWeights, s: Shape):
+    """q [batch, heads, seq, head_dim], k and v [batch, kv_heads, seq, head_dim] of a chunk of the prompt, RoPE
+    applied: everything in a prefill layer before attention, which the compiler fuses around the matrix product."""
     q, k, v = (t.transpose(1, 2) for t in _project(x, w, s))
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    keys[:, :, :seq] = k
-    values[:, :, :seq] = v
-    return _finish(x, attend(q, k, v, mask).transpose(1, 2).reshape(batch, seq, -1), w, s)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def prefill_attention(q, keys, values, mask):
+    """A chunk's queries [batch, heads, seq, head_dim] over every key up to the chunk's end [batch, kv_heads, end,
+    head_dim], causally, each kv head serving its group of query heads inside the kernel (`enable_gqa`).
+
+    The eager model's `attend` copies each key and value once per query head first. The chunk's own keys are the
+    last `seq` of `end`, so its causal triangle sits at the bottom right of the [seq, end] scores:
+    `causal_lower_right` says so without building a mask, and the fused kernels read it as such. A `mask` (left
+    padding) replaces both.
+    """
+    if mask is not None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    seq, end = q.shape[2], keys.shape[2]
+    causal = dict(is_causal=True) if seq == end else dict(attn_mask=causal_lower_right(seq, end))
+    return F.scaled_dot_product_attention(q, keys, values, **causal, enable_gqa=True)
 
 
 def decode_layer(x, cos, sin, visible, slot, keys, values, w: LayerWeights, s: Shape):
@@ -249,6 +267,9 @@ class _DecodeState:
         self.step = zeros(1)  # column of `generated` written next
         self.first_nonfinite = zeros(1) - 1  # the first step whose logits held NaN or infinity
         self.graphs: dict[SamplingConfig, torch.cuda.CUDAGraph] = {}
+        self.prefills: dict[
+            tuple[int, bool], _PrefillGraph
+        ] = {}  # by (padded prompt length, left padding)
 
     def counters(self) -> tuple[torch.Tensor, ...]:
         """The arguments of `advance` after the logits, in order."""
@@ -266,6 +287,60 @@ class _DecodeState:
         )
 
 
+class _PrefillGraph:
+    """The prefill of one prompt length, every layer and the head, captured as one CUDA graph.
+
+    A prompt is copied into static buffers `length` tokens wide, right-padded: causal attention hides the padding
+    from every real token, its keys and values land in cache slots the decode steps overwrite before they can
+    see them, and the logits are read at the last real token. Launching ten kernels a layer from Python costs more
+    than a small model's whole prefill on the GPU; one replay costs one launch (book/data/profile/).
+    """
+
+    def __init__(self, fast: FastQwen2, state: _DecodeState, length: int, left_padded: bool):
+        batch, device = state.token.shape[0], fast.device
+        self.ids = torch.zeros(batch, length, dtype=torch.long, device=device)
+        self.positions = torch.zeros(batch, length, dtype=torch.long, device=device)
+        self.attention_mask = torch.ones_like(self.ids) if left_padded else None
+        self.last = torch.zeros(1, dtype=torch.long, device=device)
+
+        def forward():
+            x = F.embedding(self.ids, fast.embedding)
+            cos, sin = rope_cos_sin(fast.inv_freq, self.positions, fast.rope_scale, x.dtype)
+            mask = None
+            if left_padded:
+                mask = Qwen2.attention_mask(length, 0, self.attention_mask, device)
+            for w, keys, values in zip(fast.layers, state.keys, state.values):
+                x = fast._prefill_layer(x, cos, sin, mask, 0, keys, values, w)
+            last = x.index_select(1, self.last)
+            return head_logits(last, fast.norm_weight, fast.lm_head_weight, fast.shape.eps)
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(
+                2
+            ):  # compiles for this length and lets kernels choose their configurations
+                forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.logits = forward()
+
+    def run(self, input_ids, positions, attention_mask) -> torch.Tensor:
+        """float32 logits [batch, vocab] at the prompt's last token; the cache holds the prompt."""
+        prompt = input_ids.shape[1]
+        self.ids.zero_()
+        self.ids[:, :prompt] = input_ids
+        self.positions.zero_()
+        self.positions[:, :prompt] = positions
+        if self.attention_mask is not None:
+            self.attention_mask.fill_(1)
+            self.attention_mask[:, :prompt] = attention_mask
+        self.last.fill_(prompt - 1)
+        self.graph.replay()
+        return self.logits
+
+
 class FastQwen2:
     """Generation for a loaded `Qwen2`, with fused weights, a bucketed static cache and CUDA graphs.
 
@@ -274,7 +349,11 @@ class FastQwen2:
     of it. Each (batch, bucket) gets a decode state (its cache) and, per sampling setting, one captured graph;
     the `MAX_STATES` most recently used states are kept. `use_graphs` defaults to True on CUDA and must be False
     elsewhere. `split_attention` runs decode attention as the split kernel of `minqwen.engine.decode_attention`
-    instead of two matrix products and a softmax (chapter 5 measures both; it needs Triton). The fused weights
+    instead of two matrix products and a softmax (chapter 5 measures both; it needs Triton). The prompt is
+    prefilled `prefill_chunk` tokens at a time, so a long prompt needs the activations of one chunk, not of all
+    of it; on CUDA the work around each chunk's attention is compiled, and a prompt of one chunk runs as a CUDA
+    graph per padded length, kept with the decode state (each graph holds about one chunk's activations: a few
+    hundred MB at 7B). The fused weights
     are new tensors; the norms, o_proj, down_proj, embedding and head are shared with `model`, so dropping the
     model afterwards frees its separate q/k/v/gate/up weights. A model quantized by `minqwen.quantize` runs
     with its quantized weights (chapter 6).
@@ -287,16 +366,19 @@ class FastQwen2:
         bucket: int = 256,
         use_graphs: bool | None = None,
         split_attention: bool = False,
+        prefill_chunk: int = 2048,
     ):
         if not isinstance(model, Qwen2):
             raise ValueError(
                 f"FastQwen2 wraps a minqwen Qwen2, got {type(model).__name__}; load one with "
                 f"Qwen2.from_pretrained"
             )
-        if isinstance(bucket, bool) or not isinstance(bucket, int) or bucket < 1:
-            raise ValueError(
-                f"bucket must be a positive int (cache positions per bucket), got {bucket!r}"
-            )
+        for name, value, unit in (
+            ("bucket", bucket, "cache positions per bucket"),
+            ("prefill_chunk", prefill_chunk, "prompt tokens per prefill pass"),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int ({unit}), got {value!r}")
         self.config = c = model.config
         self.embedding = model.embed_tokens.weight
         self.device, self.dtype = self.embedding.device, self.embedding.dtype
@@ -315,7 +397,7 @@ class FastQwen2:
             )
         if split_attention and (reason := decode_attention.unsupported(c.head_dim)):
             raise ValueError(f"split_attention: {reason}; leave split_attention off")
-        self.use_graphs, self.bucket = use_graphs, bucket
+        self.use_graphs, self.bucket, self.prefill_chunk = use_graphs, bucket, prefill_chunk
         with torch.no_grad():
             self.layers = [fuse_layer(layer) for layer in model.layers]
         self.shape = Shape(
@@ -330,6 +412,7 @@ class FastQwen2:
         self.max_positions = c.max_position_embeddings
         self._step_inputs, self._decode_layer = step_inputs, decode_layer
         self._head, self._advance = head_logits, advance
+        self._prefill_qkv, self._prefill_finish = prefill_qkv, _finish
         if use_graphs:
             # Coordinate-descent tuning searches each generated kernel's block sizes: it lifted 7B decoding by 12%
             # for about ten seconds more compilation (book/data/bench/NOTES.md).
@@ -337,6 +420,11 @@ class FastQwen2:
             self._step_inputs, self._decode_layer, self._head, self._advance = (
                 torch.compile(f, fullgraph=True, options=options)
                 for f in (step_inputs, decode_layer, head_logits, advance)
+            )
+            # Prefill shapes change with the prompt: the compiler makes the length symbolic once it has seen two.
+            # Not fullgraph: a quantized product may run outside the compiled code (minqwen.quant.int8).
+            self._prefill_qkv, self._prefill_finish = (
+                torch.compile(f) for f in (prefill_qkv, _finish)
             )
         self._states: OrderedDict[tuple[int, int], _DecodeState] = OrderedDict()
 
@@ -471,11 +559,14 @@ class FastQwen2:
         attention_mask = request.attention_mask.to(self.device)
         prompt = input_ids.shape[1]
         positions = request.positions().to(self.device)
-        x = F.embedding(input_ids, self.embedding)
-        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale, x.dtype)
-        mask = Qwen2.attention_mask(prompt, 0, attention_mask if request.padded else None, x.device)
-        for w, keys, values in zip(self.layers, state.keys, state.values):
-            x = prefill_layer(x, cos, sin, mask, keys, values, w, self.shape)
+        if self.use_graphs and prompt <= self.prefill_chunk:
+            logits = self._prefill_graph(state, prompt, request.padded).run(
+                input_ids, positions, attention_mask
+            )
+        else:
+            logits = self._prefill_chunks(
+                state, input_ids, positions, attention_mask, request.padded
+            )
         state.key_is_real.fill_(True)
         state.key_is_real[:, :prompt] = attention_mask.bool()
         ignore_before = attention_mask.argmax(dim=1) if request.padded else None
@@ -490,8 +581,45 @@ class FastQwen2:
         if request.eos_ids:
             state.is_eos[list(request.eos_ids)] = True
         state.pad.fill_(request.pad_id if request.pad_id is not None else 0)
-        logits = head_logits(x, self.norm_weight, self.lm_head_weight, self.shape.eps)
         advance(self._choose(logits, state, request.sampling), logits, *state.counters())
+
+    def _prefill_graph(self, state: _DecodeState, prompt: int, left_padded: bool) -> _PrefillGraph:
+        """The captured prefill for this prompt length rounded up to the bucket, captured on first use."""
+        length = min(-(-prompt // self.bucket) * self.bucket, state.keys[0].shape[2])
+        key = (length, left_padded)
+        if key not in state.prefills:
+            state.prefills[key] = _PrefillGraph(self, state, length, left_padded)
+        return state.prefills[key]
+
+    def _prefill_chunks(self, state, input_ids, positions, attention_mask, left_padded: bool):
+        """The prompt through every layer `prefill_chunk` tokens at a time, so a long prompt's activations are
+        those of one chunk; float32 logits [batch, vocab] at its last token."""
+        prompt = input_ids.shape[1]
+        for start in range(0, prompt, self.prefill_chunk):
+            end = min(start + self.prefill_chunk, prompt)
+            x = F.embedding(input_ids[:, start:end], self.embedding)
+            cos, sin = rope_cos_sin(
+                self.inv_freq, positions[:, start:end], self.rope_scale, x.dtype
+            )
+            mask = None  # causal, which prefill_attention builds no mask for
+            if left_padded:
+                mask = Qwen2.attention_mask(end - start, start, attention_mask[:, :end], x.device)
+            for w, keys, values in zip(self.layers, state.keys, state.values):
+                x = self._prefill_layer(x, cos, sin, mask, start, keys, values, w)
+        return head_logits(x, self.norm_weight, self.lm_head_weight, self.shape.eps)
+
+    def _prefill_layer(self, x, cos, sin, mask, start: int, keys, values, w: LayerWeights):
+        """One chunk of the prompt through one layer: its keys and values land in cache slots [start, start + seq),
+        and its queries attend to every slot before theirs."""
+        batch, seq, _ = x.shape
+        end = start + seq
+        q, k, v = self._prefill_qkv(x, cos, sin, w, self.shape)
+        keys[:, :, start:end] = k
+        values[:, :, start:end] = v
+        attended = prefill_attention(q, keys[:, :, :end], values[:, :, :end], mask)
+        return self._prefill_finish(
+            x, attended.transpose(1, 2).reshape(batch, seq, -1), w, self.shape
+        )
 
     @staticmethod
     def _check_finite(state: _DecodeState) -> None:

@@ -36,6 +36,14 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return values, scales
 
 
+# Inside torch.compile on CUDA (the fast engine's prefill), inductor 2.11 fails an internal assertion on this
+# product when the widening is left for it to fuse into the matrix product; run as it is, it is two library kernels.
+@torch.compiler.disable
+def widened_product(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x @ (values * scales).T with the int8 values widened to x's type, the scale applied to the result."""
+    return F.linear(x, values.to(x.dtype)) * scales
+
+
 class Int8Weight(NamedTuple):
     """What an int8 product reads: the values [out, in] and one scale per output row.
 
@@ -50,9 +58,10 @@ class Int8Weight(NamedTuple):
 
         - On a CPU in bfloat16: PyTorch's packed int8 kernel (`_weight_int8pack_mm`, the op
           gpt-fast and torchao build on), which reads the int8 matrix as it is.
-        - On CUDA, for decode (a few rows, or any number inside the fast engine's compiled step):
-          the Triton kernel of `minqwen.quant.int8_matvec`, which reads the int8 matrix as it is
-          (on an H200 not yet faster than bfloat16: book/data/bench/NOTES.md).
+        - On CUDA, for decode (a few rows, or one new token per row at any batch inside the fast
+          engine's compiled step): the Triton kernel of `minqwen.quant.int8_matvec`, which reads
+          the int8 matrix as it is (on an H200 not yet faster than bfloat16:
+          book/data/bench/NOTES.md).
         - Otherwise (a prompt on CUDA, float32 on a CPU): the int8 matrix widened to the
           activations' type, then a float product.
         """
@@ -64,10 +73,10 @@ class Int8Weight(NamedTuple):
         if (
             x.device.type == "cuda"
             and int8_matvec.triton is not None
-            and (rows <= MATVEC_MAX_ROWS or torch.compiler.is_compiling())
+            and (rows <= MATVEC_MAX_ROWS or (torch.compiler.is_compiling() and x.shape[-2] == 1))
         ):
             return int8_matvec.int8_matvec(x, self.values, scales)
-        return F.linear(x, self.values.to(x.dtype)) * scales
+        return widened_product(x, self.values, scales)
 
     @staticmethod
     def concat(weights: list[Int8Weight]) -> Int8Weight:

@@ -306,8 +306,9 @@ prefill.map(lambda x: "" if pd.isna(x) else f"{x:,.0f}")
 # A batch of a few thousand prompt tokens is a few large matrix products per layer, which every implementation
 # hands to the same cuBLAS kernels: they come closer together (the spread printed above), and the 7B reaches the
 # best fraction printed. The small 0.5B stays far below its bound, which assumes every FLOP runs at the rate of
-# one large square product. The fast path does nothing special here: its prefill runs the layer functions
-# once per prompt, uncompiled, and only its decode step is compiled and captured:
+# one large square product. When these runs were made, the fast path did nothing special here: its prefill ran
+# the layer functions once per prompt, uncompiled. {doc}`../ch5/03_prefill` measures what changed since: the
+# prompt in chunks, compiled, and captured as one CUDA graph, which is the code below:
 
 # %%
 show_source(FastQwen2._prefill)
