@@ -48,7 +48,7 @@ def steps(frame: pd.DataFrame) -> None:
         for i, (value, rate) in enumerate(zip(share, rows.tok_s)):
             ax.text(i, value + 1.5, f"{rate / 1e3:,.0f}k", ha="center", fontsize=9)
         ax.set_xticks(range(len(STEPS)), list(STEPS.values()), fontsize=8, rotation=30, ha="right")
-        ax.set(title=f"{size}, prompt {rows.prompt.iloc[0]:,}", ylim=(0, 100))
+        ax.set(title=f"{size}, prompt {int(rows.prompt.iloc[0]):,}", ylim=(0, 100))
     axes[0].set_ylabel("% of the FLOP bound\n(labels: prompt tok/s)")
     fig.suptitle("Prefill on an H200, bf16, batch 1, each step added to the last", fontsize=11)
     fig.tight_layout()
