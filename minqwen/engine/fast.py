@@ -29,6 +29,7 @@ the same seed. On CUDA the sampler is `minqwen.engine.sampling.sample_without_sy
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -148,18 +149,64 @@ def prefill_qkv(x, cos, sin, w: LayerWeights, s: Shape):
 
 def prefill_attention(q, keys, values, mask):
     """A chunk's queries [batch, heads, seq, head_dim] over every key up to the chunk's end [batch, kv_heads, end,
-    head_dim], causally, each kv head serving its group of query heads inside the kernel (`enable_gqa`).
+    head_dim], causally, each kv head serving its group of query heads inside the kernel (`enable_gqa`, where the
+    eager model's `attend` copies the keys and values once per query head). A `mask` (left padding) is applied as
+    it is.
 
-    The eager model's `attend` copies each key and value once per query head first. The chunk's own keys are the
-    last `seq` of `end`, so its causal triangle sits at the bottom right of the [seq, end] scores:
-    `causal_lower_right` says so without building a mask, and the fused kernels read it as such. A `mask` (left
-    padding) replaces both.
+    A later chunk's queries see every earlier key and their own causally: the triangle sits at the bottom right of
+    the [seq, end] scores, which PyTorch sends to FlashAttention-2, at half the rate of the kernel it picks for a
+    square triangle on an H200 (book/data/bench/NOTES.md). So it is two attentions, merged exactly: the chunk's own
+    keys, a square triangle, and the earlier keys, which every query sees whole, so the query heads of a group
+    become rows of one head and need no mask.
     """
     if mask is not None:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
-    seq, end = q.shape[2], keys.shape[2]
-    causal = dict(is_causal=True) if seq == end else dict(attn_mask=causal_lower_right(seq, end))
-    return F.scaled_dot_product_attention(q, keys, values, **causal, enable_gqa=True)
+    batch, heads, seq, head_dim = q.shape
+    if seq == keys.shape[2]:
+        return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
+    if q.device.type == "cuda" and not cudnn_attention(q.device):
+        bottom_right = causal_lower_right(seq, keys.shape[2])
+        return F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=bottom_right, enable_gqa=True
+        )
+    kv_heads = keys.shape[1]
+    own = attention_with_lse(q, keys[:, :, -seq:], values[:, :, -seq:], causal=True)
+    rows = q.reshape(batch, kv_heads, heads // kv_heads * seq, head_dim)
+    out, lse = attention_with_lse(rows, keys[:, :, :-seq], values[:, :, :-seq], causal=False)
+    past = out.reshape(batch, heads, seq, head_dim), lse.reshape(batch, heads, seq)
+    return merge_attention([own, past])
+
+
+def attention_with_lse(q, keys, values, causal: bool):
+    """Attention [batch, heads, seq, head_dim] and each query row's log-sum-exp of its scores [batch, heads, seq],
+    which two attentions over disjoint keys need to merge. cuDNN's fused kernel on CUDA, PyTorch's fused kernel on
+    the CPU: both share a kv head among its query heads themselves."""
+    scale = q.shape[-1] ** -0.5
+    if q.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, keys, values, None, True, 0.0, causal, False, scale=scale
+        )[:2]
+        return out, lse.view(lse.shape[:3])
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q, keys, values, 0.0, causal, scale=scale
+    )
+
+
+def merge_attention(parts):
+    """Attention over all the parts' keys from each part's (output, log-sum-exp): part p's output weighs
+    e^(lse_p) / sum_r e^(lse_r), a softmax over the parts' log-sum-exps (chapter 5's merge of split attention)."""
+    weights = torch.stack([lse for _, lse in parts]).softmax(dim=0)
+    merged = sum(w[..., None] * out.float() for w, (out, _) in zip(weights, parts))
+    return merged.to(parts[0][0].dtype)
+
+
+@functools.cache
+def cudnn_attention(device: torch.device) -> bool:
+    """Whether cuDNN's attention kernel runs here: a CUDA card from the A100 on, with cuDNN."""
+    return torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(device) >= (
+        8,
+        0,
+    )
 
 
 def decode_layer(x, cos, sin, visible, slot, keys, values, w: LayerWeights, s: Shape):

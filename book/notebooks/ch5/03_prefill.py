@@ -24,8 +24,8 @@
 # :class: tip
 # **You will learn**
 # - why a prefill is bound by arithmetic while decode is bound by bytes, and how far each model is from its bound;
-# - how grouped-query attention runs without copying the cache, and why a later chunk's causal mask sits at the
-#   bottom right of its scores;
+# - how grouped-query attention runs without copying the cache, and how a later chunk's attention splits into
+#   two easy ones that merge exactly;
 # - how chunked prefill fills the same cache as one pass, checked here against the eager model;
 # - what each step bought on an H200, where the time still goes, and what chunks cost at 30,000 tokens.
 #
@@ -93,7 +93,7 @@ for size in ("0.5B", "7B"):
     )
 
 # %% [markdown]
-# A 7B prefill may not beat 57,000 tokens a second on this card, a 0.5B one 940,000. Decode is the mirror
+# A 7B prefill may not beat about 55,000 tokens a second on this card, a 0.5B one 950,000. Decode is the mirror
 # image: one token per pass over the weights, bound by bytes ({doc}`01_decode_profile`).
 #
 # ## Key and value heads shared, not copied
@@ -107,14 +107,34 @@ for size in ("0.5B", "7B"):
 # $s$ meet the keys of every earlier position as well as their own. Query $i$ of the chunk sits at position
 # $s + i$ and may see keys $0 \dots s + i$: of the chunk's $n \times (s + n)$ scores, the visible ones form a full
 # block and then a triangle in the bottom-right corner. `is_causal=True` puts the triangle at the top left, which
-# is right only when $s = 0$; `causal_lower_right` names the bottom-right one without building a mask:
+# is right only when $s = 0$. PyTorch can be told the triangle is at the bottom right (`causal_lower_right`), but it
+# then runs FlashAttention-2, which on the H200 took twice as long as the cuDNN kernel it picks for a square
+# triangle (measured below). So the engine splits the chunk's keys in two, each the easy case:
+#
+# - its own $n$ keys: a square causal triangle;
+# - the $s$ earlier keys: every query sees all of them, no mask at all. The `groups` query heads that share a kv
+#   head can then be stacked as $\text{groups} \times n$ rows of one head, so even the kv-head sharing needs
+#   nothing from the kernel.
+#
+# Each part's kernel also returns, for every query row, the log-sum-exp of its scores,
+# $\lambda_p = \log \sum_{j \in p} e^{s_j}$. That is all the merge needs. Part $p$'s output is its softmax-weighted
+# values, so the whole row's output weighs each part by its share of the exponentials:
+#
+# $$
+# o = \sum_p \frac{e^{\lambda_p}}{\sum_r e^{\lambda_r}}\, o_p ,
+# $$
+#
+# a softmax over the parts' $\lambda$. It is the identity behind split attention in
+# {doc}`02_split_attention`, with the maxima and sums folded into one number per part.
 
 # %%
 show_source(prefill_attention)
+show_source(fast_engine.merge_attention)
 
 # %% [markdown]
 # Against float64 attention with the kv heads repeated and the mask written out, for a chunk of 5 queries that
-# starts at position 12:
+# starts at position 12 (on the CPU each part runs in PyTorch's fused CPU kernel, which also returns the
+# log-sum-exp):
 
 # %%
 g = torch.Generator().manual_seed(0)
@@ -171,8 +191,8 @@ assert torch.equal(tokens, minqwen.generate(model, prompt, 8, **greedy))
 print("and the 8 greedy tokens that follow are the eager loop's")
 
 # %% [markdown]
-# Here they are equal to the bit. They need not be: a chunk's attention may add its terms in another order than
-# one pass does, so the tests allow float32 rounding. `tests/test_ch5_prefill.py` checks every chunk size from 1 to the whole prompt, with and without left
+# The differences are float32 rounding: a chunk's attention adds its terms in another order than one pass does,
+# in two parts merged at the end. `tests/test_ch5_prefill.py` checks every chunk size from 1 to the whole prompt, with and without left
 # padding, and fails if a later chunk's triangle is put at the top left.
 #
 # ## One graph for the whole prefill
@@ -220,20 +240,19 @@ figures.where_time_goes(split)
 split.round(2)
 
 # %% [markdown]
-# - **0.5B: the host.** Its whole prefill is 4.2 ms of kernels, but launching its 435 kernels from Python, a few
-#   microseconds of work each, kept the GPU idle three quarters of the time. Compiled, the same launches remain,
-#   and the rates of the uncompiled and compiled steps swing with the host's speed: the compiled one ran at 99,000
-#   tokens a second here and 179,000 in an earlier run. The graph removed the launches, and only then did the
-#   prefill reach 365,000 tokens a second, 39% of the FLOP bound. What is left is the size of the work itself: a
-#   $2048 \times 896$ by $896 \times 896$ product cannot keep 132 multiprocessors busy for long. (HF eager, as
-#   host-bound, ran at 76,000 tokens a second here and 97,000 in the earlier run: the graph path is 3.8 to 4.8
-#   times either.)
-# - **7B: the matrix products.** 35.5 ms of the 41 ms of kernels are cuBLAS products running at about 750
-#   TFLOP/s, the rate of the large square product the bound is measured with: they are at the bound. The rest is
+# - **0.5B: the host.** Its whole prefill is 4.3 ms of kernels, but launching its 435 kernels from Python, a few
+#   microseconds of work each, kept the GPU idle most of the time. Compiled, the same launches remain, and the
+#   rates of the uncompiled and compiled steps swing with the host's speed: the compiled one ran at 101,000 tokens
+#   a second here, and at 99,000 and 179,000 in two earlier runs. The graph removed the launches, and only then did
+#   the prefill reach 378,000 tokens a second, 40% of the FLOP bound. What is left is the size of the work itself:
+#   a $2048 \times 896$ by $896 \times 896$ product cannot keep 132 multiprocessors busy for long. HF eager is
+#   host-bound too: 83,000 tokens a second here, 76,000 and 97,000 in the earlier runs.
+# - **7B: the matrix products.** 35.7 ms of the 41 ms of kernels are cuBLAS products running at about 750
+#   TFLOP/s, as fast as the large square product the bound is measured with: they are at the bound. The rest is
 #   attention (2.2 ms) and the compiled pointwise kernels (2.8 ms), which no longer hide behind launch gaps. The
-#   graph gains nothing here (42,400 against 43,000 tokens a second, within run-to-run noise), and the engine
-#   reaches 74–77% of the FLOP bound across two runs, against the target of 80% set for this chapter. Closing the
-#   gap means folding the pointwise work into the matrix products' epilogues, which is not done yet.
+#   graph gains little here (43,400 against 42,900 tokens a second, within run-to-run noise), and the engine
+#   reaches 74–79% of the FLOP bound across three runs, against the target of 80% set for this chapter. Closing
+#   the gap means folding the pointwise work into the matrix products' epilogues, which is not done yet.
 #
 # ## Chunks at 30,000 tokens: memory against speed
 #
@@ -251,31 +270,33 @@ chunked, whole = seven.loc[("minqwen", 2048.0)], seven.loc[("minqwen", 30000.0)]
 for name, row in (("7B, chunks of 2,048", chunked), ("whole prompt", whole)):
     print(
         f"{name}: {row.peak_above_bytes / 2**30:.1f} GiB above the weights, "
-        f"{row.tok_s:,.0f} tok/s, {row.attention_us / 1e3:,.0f} ms of attention"
+        f"{row.tok_s:,.0f} tok/s, {row.attention_us / 1e3:,.0f} ms of attention, "
+        f"{row.other_us / 1e3:,.0f} ms of other kernels"
     )
 assert chunked.peak_above_bytes < whole.peak_above_bytes / 2
+assert chunked.attention_us < 1.1 * whole.attention_us
 
 # %% [markdown]
-# Chunks of 2,048 cut the 7B's peak from 6.0 to 2.0 GiB, of which 1.6 GiB is the cache itself. They cost speed,
-# and the profile says where: not in the matrix products, which take the same time, but in attention, which
-# doubles for the same visible scores. The whole prompt's square triangle goes through SDPA's own choice of
-# kernel; a chunk's bottom-right one is sent by `causal_lower_right` straight to FlashAttention-2. Which kernel
-# SDPA chose was not recorded in this run, so the cause is a lead, not a finding: the measured fact is attention
-# at half the rate in chunks. At 0.5B the chunks are slower still, for the reason of the last section: each chunk is
-# launched from Python. The engine keeps chunks of 2,048 by default (a prompt that fits runs as one graph), and
+# Chunks of 2,048 cut the 7B's peak from 6.0 to 2.0 GiB, of which 1.6 GiB is the cache itself, for 9% of the
+# speed. Their attention takes as long as the whole prompt's, because both parts run in the cuDNN kernel SDPA
+# picks for a square triangle. The first version of this page sent each chunk's bottom-right triangle through
+# `causal_lower_right`, which runs FlashAttention-2: 672 ms of attention instead of 350, and 24% of the speed lost
+# (`book/data/bench/NOTES.md`). What chunks still cost at 7B is the merge, a few unfused kernels per layer (the
+# "other" 82 ms). At 0.5B chunks cost far more, for the reason of the last section: each chunk is launched from
+# Python. The engine keeps chunks of 2,048 by default (a prompt that fits runs as one graph), and
 # `FastQwen2(model, prefill_chunk=...)` trades memory for speed.
 #
 # ## Summary
 #
 # - A prefill's bound is arithmetic, $F(N) = 2PN + 2LHdN(N+1) + 2VD$, over the card's matrix rate; at 2,048
-#   tokens on an H200 that is about 57,000 tok/s at 7B and 940,000 at 0.5B.
-# - `enable_gqa` shares the key-value heads inside the attention kernel; a chunk's causal triangle sits at the
-#   bottom right of its scores (`causal_lower_right`).
+#   tokens on an H200 that is about 55,000 tok/s at 7B and 950,000 at 0.5B.
+# - `enable_gqa` shares the key-value heads inside the attention kernel. A later chunk's attention is two easy
+#   ones, its own square triangle and the earlier keys unmasked, merged by a softmax over their log-sum-exps.
 # - Chunked prefill fills the same cache as one pass (checked in float32 against the eager model), and bounds
-#   the activations by the chunk: 2.0 GiB instead of 6.0 at 7B and 30,000 tokens.
-# - A small model's prefill is bound by launches: one CUDA graph took the 0.5B from about HF's speed to 3.8–4.8
-#   times it. A large one is bound by its matrix products: the 7B reaches 74–77% of the FLOP bound, the rest
-#   being attention and pointwise kernels.
+#   the activations by the chunk: 2.0 GiB instead of 6.0 at 7B and 30,000 tokens, for 9% of the speed.
+# - A small model's prefill is bound by launches: one CUDA graph took the 0.5B from about HF's speed to 4.5
+#   times it in the same run. A large one is bound by its matrix products: the 7B reaches 74–79% of the FLOP
+#   bound, the rest being attention and pointwise kernels.
 #
 # ## Exercises
 #
@@ -290,14 +311,17 @@ assert chunked.peak_above_bytes < whole.peak_above_bytes / 2
 # ```
 
 # %%
-rate, bandwidth = headers["7B"]["matmul_flops_per_s"], headers["7B"]["copy_bytes_per_s"]
+run = headers["7B"]
+rate, bandwidth = run["matmul_flops_per_s"], run["copy_bytes_per_s"]
 weights_s = weight_bytes_per_step("7B", "bfloat16") / bandwidth
 crossover = next(
     n for n in range(1, 4096) if prefill_flops("7B", 1, n) / rate > weights_s
 )
 print(
-    f"from {crossover} tokens on, arithmetic takes longer than reading the weights ({weights_s * 1e3:.2f} ms)"
+    f"from {crossover} tokens on, arithmetic takes longer than reading the weights",
+    end="",
 )
+print(f" ({weights_s * 1e3:.2f} ms)")
 
 # %% [markdown]
 # About 200 tokens: the card does about 190 operations in the time it reads one byte, and a prefill does one
