@@ -18,11 +18,11 @@ STEPS = {
     "graph": "+ one CUDA graph",
 }
 CLASSES = {
-    "matmul_us": ("C0", "matrix products"),
-    "attention_us": ("C3", "attention"),
-    "compiled_us": ("C2", "compiled pointwise"),
-    "other_us": ("C7", "other kernels"),
-    "idle_us": ("0.85", "GPU idle between kernels"),
+    "matmul": ("C0", "matrix products"),
+    "attention": ("C3", "attention"),
+    "compiled": ("C2", "compiled pointwise"),
+    "other": ("C7", "other kernels"),
+    "idle": ("0.85", "GPU idle between kernels"),
 }
 
 
@@ -57,36 +57,43 @@ def steps(frame: pd.DataFrame) -> None:
 
 def time_split(profiles: pd.DataFrame) -> pd.DataFrame:
     """Milliseconds of one prefill by kernel class, and the idle time between the first and last kernel."""
-    table = profiles.set_index(["size", "variant"])[[*list(CLASSES)[:-1], "span_us", "busy_us"]]
+    table = profiles.set_index(["size", "variant"])
     table = table.assign(idle_us=table.span_us - table.busy_us)
-    return table[list(CLASSES)] / 1e3
+    return pd.DataFrame({f"{kind} ms": table[f"{kind}_us"] / 1e3 for kind in CLASSES})
 
 
 def where_time_goes(split: pd.DataFrame) -> None:
     """One stacked bar per (size, variant): the kernel classes and the idle gaps of one prefill."""
-    fig, axes = plt.subplots(len(split.index.levels[0]), 1, figsize=(8, 3.4))
+    fig, axes = plt.subplots(len(split.index.levels[0]), 1, figsize=(8, 3.6), sharex=True)
     for ax, (size, part) in zip(axes, split.groupby(level=0, sort=False)):
         part = part.droplevel(0)
+        names = [STEPS[v].replace("\n", " ") for v in part.index]
         left = pd.Series(0.0, index=part.index)
-        for column, (color, label) in CLASSES.items():
-            ax.barh(part.index, part[column], left=left, color=color, label=label, height=0.6)
-            left += part[column]
+        for kind, (color, label) in CLASSES.items():
+            column = part[f"{kind} ms"]
+            ax.barh(names, column, left=left, color=color, label=label, height=0.6)
+            left += column
         ax.set_title(f"{size}: one prefill of 2,048 tokens", fontsize=10)
+        ax.tick_params(labelsize=9)
         ax.invert_yaxis()
-    axes[-1].set_xlabel("ms")
-    axes[0].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, -0.3), frameon=False)
+    axes[-1].set_xlabel("ms (under the profiler)")
+    axes[0].legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, -0.3), frameon=False)
     fig.tight_layout()
     show_figure(fig)
 
 
 def long_prompt(frame: pd.DataFrame) -> None:
-    """Speed and peak memory of a 30,000-token prefill against the chunk size, HF eager as a line."""
-    fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 3.4))
+    """Speed (relative to the whole prompt in one graph) and peak memory of a 30,000-token prefill against the
+    chunk size, HF eager as a line."""
+    fig, (speed, memory) = plt.subplots(1, 2, figsize=(10, 3.6))
     for i, (size, rows) in enumerate(frame.groupby("size", sort=False)):
         ours, hf = rows[rows.impl == "minqwen"], rows[rows.impl == "hf-eager"].iloc[0]
+        whole = ours.tok_s.iloc[-1]
         color = f"C{i}"
-        speed.plot(ours.chunk, ours.tok_s / 1e3, "o-", color=color, label=f"{size}, minqwen")
-        speed.axhline(hf.tok_s / 1e3, color=color, ls="--", lw=1, label=f"{size}, HF eager")
+        speed.plot(
+            ours.chunk, ours.tok_s / whole * 100, "o-", color=color, label=f"{size}, minqwen"
+        )
+        speed.axhline(hf.tok_s / whole * 100, color=color, ls="--", lw=1, label=f"{size}, HF eager")
         memory.plot(
             ours.chunk, ours.peak_above_bytes / 2**30, "o-", color=color, label=f"{size}, minqwen"
         )
@@ -96,9 +103,12 @@ def long_prompt(frame: pd.DataFrame) -> None:
         memory.axhline(
             hf.peak_above_bytes / 2**30, color=color, ls="--", lw=1, label=f"{size}, HF eager"
         )
+    chunks = sorted(frame.chunk.dropna().unique())
     for ax in (speed, memory):
         ax.set(xscale="log", xlabel="prefill chunk (tokens; 30,000 = the whole prompt)")
-    speed.set(ylabel="thousand prompt tok/s", ylim=(0, None))
+        ax.set_xticks(chunks, [f"{c:,.0f}" for c in chunks], fontsize=8)
+        ax.minorticks_off()
+    speed.set(ylabel="% of the whole prompt's tok/s", ylim=(0, 110))
     memory.set(ylabel="GiB above the weights", ylim=(0, None))
     speed.legend(fontsize=8, frameon=False)
     memory.legend(fontsize=8, frameon=False)

@@ -148,16 +148,16 @@ def prefill_qkv(x, cos, sin, w: LayerWeights, s: Shape):
 
 
 def prefill_attention(q, keys, values, mask):
-    """A chunk's queries [batch, heads, seq, head_dim] over every key up to the chunk's end [batch, kv_heads, end,
-    head_dim], causally, each kv head serving its group of query heads inside the kernel (`enable_gqa`, where the
-    eager model's `attend` copies the keys and values once per query head). A `mask` (left padding) is applied as
-    it is.
+    """A chunk's queries [batch, heads, seq, head_dim] over every key up to its end [batch,
+    kv_heads, end, head_dim], causally. Each kv head serves its group of query heads inside the
+    kernel (`enable_gqa`; the eager model's `attend` copies keys and values per query head). A
+    `mask` (left padding) is applied as it is.
 
-    A later chunk's queries see every earlier key and their own causally: the triangle sits at the bottom right of
-    the [seq, end] scores, which PyTorch sends to FlashAttention-2, at half the rate of the kernel it picks for a
-    square triangle on an H200 (book/data/bench/NOTES.md). So it is two attentions, merged exactly: the chunk's own
-    keys, a square triangle, and the earlier keys, which every query sees whole, so the query heads of a group
-    become rows of one head and need no mask.
+    A later chunk's causal triangle sits at the bottom right of its [seq, end] scores, which
+    PyTorch sends to FlashAttention-2, at half the rate of the kernel it picks for a square
+    triangle on an H200 (book/data/bench/NOTES.md). So it is two attentions, merged exactly: the
+    chunk's own keys, a square triangle; and the earlier keys, which every query sees whole, so
+    the query heads of a group become rows of one head and need no mask.
     """
     if mask is not None:
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
@@ -178,9 +178,9 @@ def prefill_attention(q, keys, values, mask):
 
 
 def attention_with_lse(q, keys, values, causal: bool):
-    """Attention [batch, heads, seq, head_dim] and each query row's log-sum-exp of its scores [batch, heads, seq],
-    which two attentions over disjoint keys need to merge. cuDNN's fused kernel on CUDA, PyTorch's fused kernel on
-    the CPU: both share a kv head among its query heads themselves."""
+    """Attention [batch, heads, seq, head_dim] and each query row's log-sum-exp of its scores
+    [batch, heads, seq], which two attentions over disjoint keys need to merge. cuDNN's fused
+    kernel on CUDA, PyTorch's on the CPU; both share a kv head among its query heads."""
     scale = q.shape[-1] ** -0.5
     if q.device.type == "cuda":
         out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
@@ -193,8 +193,9 @@ def attention_with_lse(q, keys, values, causal: bool):
 
 
 def merge_attention(parts):
-    """Attention over all the parts' keys from each part's (output, log-sum-exp): part p's output weighs
-    e^(lse_p) / sum_r e^(lse_r), a softmax over the parts' log-sum-exps (chapter 5's merge of split attention)."""
+    """Attention over all the parts' keys from each part's (output, log-sum-exp): part p's output
+    weighs e^(lse_p) / sum_r e^(lse_r), a softmax over the parts' log-sum-exps (the merge of
+    chapter 5's split attention)."""
     weights = torch.stack([lse for _, lse in parts]).softmax(dim=0)
     merged = sum(w[..., None] * out.float() for w, (out, _) in zip(weights, parts))
     return merged.to(parts[0][0].dtype)
@@ -639,8 +640,8 @@ class FastQwen2:
         return state.prefills[key]
 
     def _prefill_chunks(self, state, input_ids, positions, attention_mask, left_padded: bool):
-        """The prompt through every layer `prefill_chunk` tokens at a time, so a long prompt's activations are
-        those of one chunk; float32 logits [batch, vocab] at its last token."""
+        """The prompt through every layer `prefill_chunk` tokens at a time, so a long prompt's
+        activations are those of one chunk; float32 logits [batch, vocab] at its last token."""
         prompt = input_ids.shape[1]
         for start in range(0, prompt, self.prefill_chunk):
             end = min(start + self.prefill_chunk, prompt)
@@ -656,8 +657,8 @@ class FastQwen2:
         return head_logits(x, self.norm_weight, self.lm_head_weight, self.shape.eps)
 
     def _prefill_layer(self, x, cos, sin, mask, start: int, keys, values, w: LayerWeights):
-        """One chunk of the prompt through one layer: its keys and values land in cache slots [start, start + seq),
-        and its queries attend to every slot before theirs."""
+        """One chunk of the prompt through one layer: its keys and values land in cache slots
+        [start, start + seq), and its queries attend to every slot before theirs."""
         batch, seq, _ = x.shape
         end = start + seq
         q, k, v = self._prefill_qkv(x, cos, sin, w, self.shape)

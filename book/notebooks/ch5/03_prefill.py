@@ -16,9 +16,10 @@
 #
 # Decode reads every weight to make one token; prefill reads them once for the whole prompt. At 2,048 tokens the
 # weights are no longer the limit: the matrix products are. This page counts the work a prefill must do, then
-# takes the fast engine's prefill from below HF's speed to near the GPU's limit in four measured steps: key and
-# value heads shared instead of copied, the work around attention compiled, the prompt cut into chunks so a long
-# one fits in bounded memory, and the whole prefill captured as one CUDA graph.
+# takes the fast engine's prefill from below HF's speed in three measured steps: key and value heads shared
+# instead of copied, the work around attention compiled, and the whole prefill captured as one CUDA graph. The 7B
+# ends at 79% of the GPU's limit, the 0.5B at 40%. A fourth change, cutting a long prompt into chunks, is for
+# memory, and is measured for what it costs.
 #
 # ```{admonition} In this page
 # :class: tip
@@ -56,9 +57,10 @@ print(stamp())
 # %% [markdown]
 # ## The bound: arithmetic, not bytes
 #
-# A prompt of $N$ tokens through a model with $P$ projection weights costs $2PN$ floating-point operations in
-# the projections (a multiply and an add per weight per token), plus causal attention: in each of $L$ layers and
-# $H$ query heads of width $d$, query $i$ meets $i$ keys in $q k^\top$ and again in the weighted sum of values,
+# A prompt of $N$ tokens through a model with $P$ weights in its layers (every parameter a token passes through,
+# except the embedding and the head) costs $2PN$ floating-point operations there, a multiply and an add per
+# weight per token. Causal attention adds: in each of $L$ layers and $H$ query heads of width $d$, query $i$
+# (counting from 1) meets $i$ keys in $q k^\top$ and again in the weighted sum of values,
 #
 # $$
 # F(N) = 2PN + 4 L H d \,\frac{N (N + 1)}{2} + 2 V D,
@@ -72,8 +74,8 @@ show_source(prefill_flops)
 
 # %% [markdown]
 # Time is at least $F(N)$ over the card's matrix-product rate, and at least the weights' bytes over its
-# bandwidth. With the rates measured on the H200 in the same run as the prefills below (a large bf16 matrix
-# product, and a large copy), the first is the larger from a few hundred tokens on:
+# bandwidth. With the rates measured on the H200 in the same runs as the prefills below (a large bf16 matrix
+# product, and a large copy), the first is the larger from about 200 tokens on (the first exercise):
 
 # %%
 for size in ("0.5B", "7B"):
@@ -108,24 +110,30 @@ for size in ("0.5B", "7B"):
 # $s + i$ and may see keys $0 \dots s + i$: of the chunk's $n \times (s + n)$ scores, the visible ones form a full
 # block and then a triangle in the bottom-right corner. `is_causal=True` puts the triangle at the top left, which
 # is right only when $s = 0$. PyTorch can be told the triangle is at the bottom right (`causal_lower_right`), but it
-# then runs FlashAttention-2, which on the H200 took twice as long as the cuDNN kernel it picks for a square
-# triangle (measured below). So the engine splits the chunk's keys in two, each the easy case:
+# then runs FlashAttention-2 (the open-source fused attention kernel), which on the H200 took twice as long as the
+# kernel SDPA picks for a square triangle (18.7 against 9.5 ms for one 7B layer at 30,000 tokens, in the probe
+# recorded in `book/data/bench/NOTES.md`). So the engine splits the chunk's keys in two, each the easy case:
 #
 # - its own $n$ keys: a square causal triangle;
 # - the $s$ earlier keys: every query sees all of them, no mask at all. The `groups` query heads that share a kv
 #   head can then be stacked as $\text{groups} \times n$ rows of one head, so even the kv-head sharing needs
 #   nothing from the kernel.
 #
-# Each part's kernel also returns, for every query row, the log-sum-exp of its scores,
-# $\lambda_p = \log \sum_{j \in p} e^{s_j}$. That is all the merge needs. Part $p$'s output is its softmax-weighted
-# values, so the whole row's output weighs each part by its share of the exponentials:
+# Write $z_j = q \cdot k_j / \sqrt{d}$ for a query row's scaled scores. Each part's kernel also returns, for every
+# query row, the log-sum-exp of its scores, $\lambda_p = \log \sum_{j \in p} e^{z_j}$, the logarithm of the
+# softmax's denominator over that part. That is all the merge needs. Part $p$'s output is
+# $o_p = \sum_{j \in p} e^{z_j} v_j / e^{\lambda_p}$, so $e^{\lambda_p} o_p = \sum_{j \in p} e^{z_j} v_j$: summing
+# that over the parts and dividing by the sum of all the exponentials gives the whole row's attention,
 #
 # $$
 # o = \sum_p \frac{e^{\lambda_p}}{\sum_r e^{\lambda_r}}\, o_p ,
 # $$
 #
 # a softmax over the parts' $\lambda$. It is the identity behind split attention in
-# {doc}`02_split_attention`, with the maxima and sums folded into one number per part.
+# {doc}`02_split_attention`, with the maxima and sums folded into one number per part. On CUDA both parts run
+# in cuDNN's attention kernel (NVIDIA's library of fused deep-learning kernels), on the CPU in PyTorch's own
+# fused kernel. Two cases keep the single call: a left-padded batch, whose mask is passed as it is, and GPUs
+# older than the A100, where cuDNN's kernel does not run; there `causal_lower_right` stays.
 
 # %%
 show_source(prefill_attention)
@@ -133,8 +141,8 @@ show_source(fast_engine.merge_attention)
 
 # %% [markdown]
 # Against float64 attention with the kv heads repeated and the mask written out, for a chunk of 5 queries that
-# starts at position 12 (on the CPU each part runs in PyTorch's fused CPU kernel, which also returns the
-# log-sum-exp):
+# starts at position 12. `prefill_attention` needs no start: the chunk's own keys are the last 5 of the 17 it is
+# given, and `mask=None` means "no padding":
 
 # %%
 g = torch.Generator().manual_seed(0)
@@ -156,7 +164,7 @@ assert error < 1e-5
 # ## Chunks: bounded memory for any prompt
 #
 # Everything a prefill holds besides the cache grows with the prompt: the hidden states, the fused q/k/v, and
-# above all the MLP's gate and up projections, $N \times 2I$ values ($I$ is 18,944 at 7B, so 2.3 GB in bf16 at
+# above all the MLP's gate and up projections, $N \times 2I$ values ($I$ is 18,944 at 7B, so 2.1 GiB in bf16 at
 # 30,000 tokens). Cutting the prompt into chunks and running each through every layer before the next bounds
 # all of it by the chunk. Each chunk writes its keys and values into the cache and reads everything before it
 # from there:
@@ -192,8 +200,8 @@ print("and the 8 greedy tokens that follow are the eager loop's")
 
 # %% [markdown]
 # The differences are float32 rounding: a chunk's attention adds its terms in another order than one pass does,
-# in two parts merged at the end. `tests/test_ch5_prefill.py` checks every chunk size from 1 to the whole prompt, with and without left
-# padding, and fails if a later chunk's triangle is put at the top left.
+# in two parts merged at the end. `tests/test_ch5_prefill.py` checks chunks of 1, 4, 7, 16, 37 and 64 tokens on a
+# 37-token prompt, and of 3, 8 and 64 on a left-padded batch; it fails if the merge weighs the parts wrongly.
 #
 # ## One graph for the whole prefill
 #
@@ -202,10 +210,17 @@ print("and the 8 greedy tokens that follow are the eager loop's")
 # CUDA graph, as it does for a decode step ({doc}`../ch4/05_performance`). A graph has fixed shapes, so the
 # prompt is right-padded to the next multiple of the engine's `bucket` (256 tokens): causal attention hides the
 # padding from every real token, the padding's keys land in cache slots that decode overwrites before it can see
-# them, and the logits are read at the last real token. One graph serves every prompt length in a bucket.
+# them, and the logits are read at the last real token. One graph serves every prompt length in a bucket. The
+# capture, once per padded length:
 
 # %%
 show_source(fast_engine._PrefillGraph.__init__)
+
+# %% [markdown]
+# and each prompt afterwards, copied into the graph's buffers and the last real position set, then one replay:
+
+# %%
+show_source(fast_engine._PrefillGraph.run)
 
 # %% [markdown]
 # ## Measured on an H200
@@ -228,9 +243,11 @@ print(f"0.5B: {over_hf:.1f}x HF eager; 7B: {of_bound:.0%} of the FLOP bound")
 assert over_hf > 3
 
 # %% [markdown]
-# The two models were limited by different things, and the profile of one prefill says which (every kernel of a
-# `generate(ids, 1)` call, summed by class; "idle" is the time between the first kernel's start and the last
-# one's end when no kernel ran):
+# Sharing the kv heads bought 2% at both sizes (the copies were a small part of the work); compiling and the
+# graph bought the rest. The two models were limited by different things, and the profile of one prefill says
+# which: every kernel of a `generate(ids, 1)` call, summed by class, and as "idle" the time between the first
+# kernel's start and the last one's end when no kernel ran. The profiler itself slows the host, so the idle
+# time is larger than in the timed calls: the 0.5B graph's profiled span is 7.1 ms, its timed call 5.4 ms.
 
 # %% tags=["hide-input"]
 split = figures.time_split(runs[runs.kind == "profile"])
@@ -240,19 +257,24 @@ figures.where_time_goes(split)
 split.round(2)
 
 # %% [markdown]
-# - **0.5B: the host.** Its whole prefill is 4.3 ms of kernels, but launching its 435 kernels from Python, a few
-#   microseconds of work each, kept the GPU idle most of the time. Compiled, the same launches remain, and the
-#   rates of the uncompiled and compiled steps swing with the host's speed: the compiled one ran at 101,000 tokens
-#   a second here, and at 99,000 and 179,000 in two earlier runs. The graph removed the launches, and only then did
-#   the prefill reach 378,000 tokens a second, 40% of the FLOP bound. What is left is the size of the work itself:
-#   a $2048 \times 896$ by $896 \times 896$ product cannot keep 132 multiprocessors busy for long. HF eager is
-#   host-bound too: 83,000 tokens a second here, 76,000 and 97,000 in the earlier runs.
-# - **7B: the matrix products.** 35.7 ms of the 41 ms of kernels are cuBLAS products running at about 750
-#   TFLOP/s, as fast as the large square product the bound is measured with: they are at the bound. The rest is
-#   attention (2.2 ms) and the compiled pointwise kernels (2.8 ms), which no longer hide behind launch gaps. The
-#   graph gains little here (43,400 against 42,900 tokens a second, within run-to-run noise), and the engine
-#   reaches 74–79% of the FLOP bound across three runs, against the target of 80% set for this chapter. Closing
-#   the gap means folding the pointwise work into the matrix products' epilogues, which is not done yet.
+# - **0.5B: the host.** Its whole prefill is 4.3 ms of kernels, about 10 µs of GPU work each, but Python spent
+#   about 60 µs issuing each of its 435 kernels (under the profiler), so the GPU sat idle most of the time.
+#   Compiled, the same launches remain, and the rates of the uncompiled and compiled steps swing with the host's
+#   speed: the compiled one ran at 101,000 tokens a second here, and at 99,000 and 179,000 in two earlier runs.
+#   The graph removed the launches, and only then did the prefill reach 378,000 tokens a second, 40% of the FLOP
+#   bound. What is left is the size of the work itself:
+#   a $2048 \times 896$ by $896 \times 896$ product cannot keep the H200's 132 multiprocessors (its independent
+#   compute units) busy for long. HF eager's rate swings between runs as the uncompiled steps' does, which points
+#   to the host as well (not profiled): 83,000 tokens a second here, 76,000 and 97,000 in the earlier runs.
+# - **7B: the matrix products.** 35.7 ms of the 41 ms of kernels are cuBLAS (NVIDIA's matrix-product library)
+#   products running at about 750 TFLOP/s, as fast as the large square product the bound is measured with: they
+#   are at the bound. Then come attention (2.2 ms) and the compiled pointwise kernels (2.8 ms), which run between
+#   the products and add to the time. The graph gains little here (43,400 against 42,900 tokens a second, within
+#   run-to-run noise), and the engine reaches 74–79% of the FLOP bound across three runs, against the target of
+#   80% set for this chapter. About 6 ms of the 47 ms call run no kernel at all: 2.7 ms of gaps inside the
+#   profiled span and 3.5 ms before or after it. Closing the gap means finding that time, and folding the
+#   pointwise work into the matrix products' epilogues (the last step of a matrix-product kernel, which can
+#   apply a bias or an activation to the output before writing it). Neither is done yet.
 #
 # ## Chunks at 30,000 tokens: memory against speed
 #
@@ -283,8 +305,9 @@ assert chunked.attention_us < 1.1 * whole.attention_us
 # `causal_lower_right`, which runs FlashAttention-2: 672 ms of attention instead of 350, and 24% of the speed lost
 # (`book/data/bench/NOTES.md`). What chunks still cost at 7B is the merge, a few unfused kernels per layer (the
 # "other" 82 ms). At 0.5B chunks cost far more, for the reason of the last section: each chunk is launched from
-# Python. The engine keeps chunks of 2,048 by default (a prompt that fits runs as one graph), and
-# `FastQwen2(model, prefill_chunk=...)` trades memory for speed.
+# Python: at the default chunk of 2,048 the 0.5B prefills 30,000 tokens at 106,000 a second, against 188,000 for HF
+# eager and 225,000 for its own whole-prompt graph. The engine keeps chunks of 2,048 by default (a prompt that fits
+# runs as one graph), and `FastQwen2(model, prefill_chunk=...)` trades memory for speed.
 #
 # ## Summary
 #
@@ -324,9 +347,10 @@ print(
 print(f" ({weights_s * 1e3:.2f} ms)")
 
 # %% [markdown]
-# About 200 tokens: the card does about 190 operations in the time it reads one byte, and a prefill does one
-# operation per weight byte per token (two per bf16 weight). Below that length, a prefill costs about what one
-# decode step costs.
+# About 200 tokens. The card does about 180 operations in the time it reads one byte, and a prefill does one
+# operation per weight byte per token (two per bf16 weight), which alone gives about 180 tokens. The head moves
+# the answer up: its weights are read on every pass but used for one token only, so there are more bytes to
+# read per token's worth of work. Below that length, a prefill costs about what one decode step costs.
 #
 # ```{solution-end}
 # ```
