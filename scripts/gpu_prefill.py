@@ -76,6 +76,13 @@ def attention_with_copies(q, keys, values, mask):
     return attend(q, keys, values, mask)
 
 
+def record(out, line: dict, message: str) -> None:
+    """One JSON line of results, written at once, and a line for the reader of the run's output."""
+    out.write(json.dumps(line) + "\n")
+    out.flush()
+    print(message, flush=True)
+
+
 def sync(device) -> None:
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -156,12 +163,11 @@ def check(model, fast: FastQwen2, size: str, out) -> None:
         for ids, attention_mask in ((one, None), (batch, mask)):
             rows = greedy_agreement(model, engine, ids, 16, attention_mask=attention_mask)
             line = dict(kind="check", size=size, prefill=name, batch=ids.shape[0], rows=rows)
-            out.write(json.dumps(line) + "\n")
             summary = ", ".join(
                 f"{r['same']}/16" + (f" (gap {r['gap_ulps']:.1f} ulps)" if "gap_ulps" in r else "")
                 for r in rows
             )
-            print(f"{size} check, prefill {name}, batch {ids.shape[0]}: {summary}", flush=True)
+            record(out, line, f"{size} check, prefill {name}, batch {ids.shape[0]}: {summary}")
 
 
 def run_size(size: str, args, out, rate: float) -> None:
@@ -186,19 +192,17 @@ def run_size(size: str, args, out, rate: float) -> None:
             tok_s=args.prompt / seconds,
             flop_bound_tok_s=bound,
         )
-        out.write(json.dumps(line) + "\n")
-        out.flush()
-        print(
+        record(
+            out,
+            line,
             f"{size} prompt {args.prompt} {variant}: {line['tok_s']:,.0f} tok/s "
             f"({line['tok_s'] / bound:.0%} of the FLOP bound {bound:,.0f})",
-            flush=True,
         )
     if device == "cuda":
         for variant in ("compiled", "graph"):
             line = dict(kind="profile", size=size, prompt=args.prompt, variant=variant)
             line.update(kernel_classes(runners[variant], ids))
-            out.write(json.dumps(line) + "\n")
-            print(f"{size} profile: {line}", flush=True)
+            record(out, line, f"{size} profile: {line}")
     for name in ("copies", "gqa", "compiled"):
         del runners[name]
     check(model, runners["graph"].fast, size, out)
@@ -235,12 +239,11 @@ def run_size(size: str, args, out, rate: float) -> None:
                 before_bytes=before, peak_above_bytes=torch.cuda.max_memory_allocated() - before
             )
             line.update(kernel_classes(run, long_ids))
-        out.write(json.dumps(line) + "\n")
-        out.flush()
-        print(
+        record(
+            out,
+            line,
             f"{size} prompt {args.long} {impl} chunk {chunk}: {line['tok_s']:,.0f} tok/s, "
             f"peak above {line.get('peak_above_bytes', 0) / 2**20:,.0f} MiB",
-            flush=True,
         )
     del runners, fast, model, hf
     if device == "cuda":

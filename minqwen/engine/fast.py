@@ -204,10 +204,8 @@ def merge_attention(parts):
 @functools.cache
 def cudnn_attention(device: torch.device) -> bool:
     """Whether cuDNN's attention kernel runs here: a CUDA card from the A100 on, with cuDNN."""
-    return torch.backends.cudnn.is_available() and torch.cuda.get_device_capability(device) >= (
-        8,
-        0,
-    )
+    ampere_or_later = torch.cuda.get_device_capability(device) >= (8, 0)
+    return torch.backends.cudnn.is_available() and ampere_or_later
 
 
 def decode_layer(x, cos, sin, visible, slot, keys, values, w: LayerWeights, s: Shape):
@@ -315,9 +313,8 @@ class _DecodeState:
         self.step = zeros(1)  # column of `generated` written next
         self.first_nonfinite = zeros(1) - 1  # the first step whose logits held NaN or infinity
         self.graphs: dict[SamplingConfig, torch.cuda.CUDAGraph] = {}
-        self.prefills: dict[
-            tuple[int, bool], _PrefillGraph
-        ] = {}  # by (padded prompt length, left padding)
+        # Captured prefills, by (padded prompt length, left padding).
+        self.prefills: dict[tuple[int, bool], _PrefillGraph] = {}
 
     def counters(self) -> tuple[torch.Tensor, ...]:
         """The arguments of `advance` after the logits, in order."""
@@ -333,6 +330,25 @@ class _DecodeState:
             self.step,
             self.first_nonfinite,
         )
+
+
+def capture(run, reset=lambda: None) -> tuple[torch.cuda.CUDAGraph, object]:
+    """`run()` captured as a CUDA graph, and what it returned during the capture (the tensors each replay
+    rewrites). Two warm-up runs on a side stream first compile the functions and let their kernels pick
+    configurations outside the capture; `reset()` runs before each warm-up and before the capture, outside
+    the graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            reset()
+            run()
+    torch.cuda.current_stream().wait_stream(side)
+    reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = run()
+    return graph, output
 
 
 class _PrefillGraph:
@@ -362,17 +378,7 @@ class _PrefillGraph:
             last = x.index_select(1, self.last)
             return head_logits(last, fast.norm_weight, fast.lm_head_weight, fast.shape.eps)
 
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(
-                2
-            ):  # compiles for this length and lets kernels choose their configurations
-                forward()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = forward()
+        self.graph, self.logits = capture(forward)
 
     def run(self, input_ids, positions, attention_mask) -> torch.Tensor:
         """float32 logits [batch, vocab] at the prompt's last token; the cache holds the prompt."""
@@ -553,22 +559,13 @@ class FastQwen2:
         return self._states[key]
 
     def _capture(self, state: _DecodeState, sampling: SamplingConfig) -> torch.cuda.CUDAGraph:
-        # Warm-up runs compile the functions and let their kernels pick configurations outside the capture; they
-        # write garbage into the state, which the next prefill resets. Each starts at slot 0: a state reused after
-        # a long generation would otherwise point past the end of its cache.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                state.slot.zero_()
-                state.step.zero_()
-                self._step(state, sampling)
-        torch.cuda.current_stream().wait_stream(side)
-        state.slot.zero_()
-        state.step.zero_()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(state, sampling)
+        # The warm-up runs write garbage into the state, which the next prefill resets. Each starts at slot 0: a
+        # state reused after a long generation would otherwise point past the end of its cache.
+        def start_at_slot_0():
+            state.slot.zero_()
+            state.step.zero_()
+
+        graph, _ = capture(lambda: self._step(state, sampling), reset=start_at_slot_0)
         return graph
 
     def _replay(self, state: _DecodeState, sampling: SamplingConfig) -> None:

@@ -211,10 +211,11 @@ print("and the 8 greedy tokens that follow are the eager loop's")
 # prompt is right-padded to the next multiple of the engine's `bucket` (256 tokens): causal attention hides the
 # padding from every real token, the padding's keys land in cache slots that decode overwrites before it can see
 # them, and the logits are read at the last real token. One graph serves every prompt length in a bucket. The
-# capture, once per padded length:
+# capture, once per padded length, through the same `capture` the decode step's graph goes through:
 
 # %%
 show_source(fast_engine._PrefillGraph.__init__)
+show_source(fast_engine.capture)
 
 # %% [markdown]
 # and each prompt afterwards, copied into the graph's buffers and the last real position set, then one replay:
