@@ -184,6 +184,8 @@ def main() -> None:
     if unknown := set(args.modes) - set(MODES):
         parser.error(f"unknown modes {sorted(unknown)}; choose from {sorted(MODES)}")
     contexts = [int(c) for c in args.contexts.split(",")]
+    # Every (size, context, mode) compiles the decode layer anew: more variants than dynamo's default of 8.
+    torch._dynamo.config.recompile_limit = 64
     report = hardware_report()
     bandwidth = copy_bandwidth(args.device)
     with args.out.open("w") as out:

@@ -16,7 +16,14 @@ from conftest import random_prompts
 
 import minqwen
 from minqwen.engine import decode_attention
-from minqwen.engine.decode_attention import BLOCK_N, merge_splits, split_attention, split_plan
+from minqwen.engine.decode_attention import (
+    BLOCK_N,
+    MERGE_BLOCK,
+    merge_parts,
+    merge_splits,
+    split_attention,
+    split_plan,
+)
 from minqwen.engine.fast import FastQwen2, matmul_attention
 
 pytestmark = pytest.mark.skipif(
@@ -93,6 +100,23 @@ def test_merging_parts_is_exact_softmax_arithmetic():
     torch.testing.assert_close(merge_splits(acc, stats), scores.softmax(-1) @ values)
 
 
+@pytest.mark.parametrize("splits", [1, 5, MERGE_BLOCK, 2 * MERGE_BLOCK + 7])
+def test_the_merge_kernel_is_the_merge_formula(splits):
+    """Parts as `_attend_part` leaves them (groups padded to 16, some parts empty) merge in the
+    kernel as in `merge_splits`, over several blocks of parts and a ragged last one."""
+    g = torch.Generator().manual_seed(splits)
+    acc = torch.randn(2, 3, splits, 16, 32, generator=g)
+    m = torch.randn(2, 3, splits, 16, generator=g) * 5
+    m[0, 0, : splits // 2] = float("-inf")  # parts before any visible key
+    acc[0, 0, : splits // 2] = 0.0
+    total = torch.rand(2, 3, splits, 16, generator=g) + 0.5
+    total[0, 0, : splits // 2] = 0.0
+    stats = torch.stack([m, total], -1)
+    merged = merge_parts(acc, stats, 7, torch.float32)
+    assert merged.shape == (2, 3, 7, 32)
+    torch.testing.assert_close(merged, merge_splits(acc, stats)[:, :, :7], rtol=1e-6, atol=1e-6)
+
+
 def test_split_plan_covers_the_cache_with_enough_parts():
     for rows, capacity in [(2, 256), (4, 32768), (64, 4096), (1, 64)]:
         splits, split_len = split_plan(rows, capacity)
@@ -130,3 +154,10 @@ def test_split_attention_on_a_cpu_without_the_interpreter_is_one_clear_error(
     with pytest.raises(ValueError, match="split_attention needs Triton and a CUDA device"):
         FastQwen2(tiny_ours, split_attention=True)
     assert not FastQwen2(tiny_ours).shape.split_attention
+
+
+def test_the_engine_uses_the_kernel_by_default_only_where_it_belongs():
+    assert decode_attention.preferred(torch.device("cuda"), 64)
+    assert decode_attention.preferred(torch.device("cuda"), 128)
+    assert not decode_attention.preferred(torch.device("cuda"), 80)  # not a power of two
+    assert not decode_attention.preferred(torch.device("cpu"), 64)  # even under the interpreter

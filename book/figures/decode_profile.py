@@ -16,6 +16,7 @@ import pandas as pd
 # products of attention (q·K, then p·V).
 ROLES = [
     ("_attend_part", "split attention: the parts", "attention"),
+    ("_merge_parts", "split attention: merge kernel", "attention"),
     ("amax_exp", "split attention: merge maxima", "attention"),
     ("exp_mul_select_sub_sum", "split attention: merge sums", "attention"),
     ("div_mul_slice_sum", "merge division + o projection + residual", "weights"),
@@ -144,7 +145,9 @@ def budget(parts: pd.DataFrame, title: str) -> None:
 def by_context(steps: pd.DataFrame, columns=("eager", "graphs", "roofline")) -> None:
     """Step time against context, one panel per model, one line per column (the roofline dashed)."""
     sizes = steps["size"].unique()
-    fig, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 3.4), squeeze=False)
+    # At most 10 inches across: wider, the page shrinks the figure and its text with it.
+    width = min(5 * len(sizes), 10)
+    fig, axes = plt.subplots(1, len(sizes), figsize=(width, 3.4), squeeze=False)
     styles = {"eager": "C2o-", "graphs": "C3o-", "split": "C0o-", "roofline": "k--"}
     for ax, (size, rows) in zip(axes[0], steps.groupby("size", sort=False)):
         for column in columns:
@@ -156,6 +159,8 @@ def by_context(steps: pd.DataFrame, columns=("eager", "graphs", "roofline")) -> 
             ylim=(0, None),
             title=f"{size}, batch 1, bf16",
         )
+        if len(sizes) > 2:
+            ax.tick_params(axis="x", labelrotation=30)
         ax.set_xticks(rows.context, [f"{c:,}" for c in rows.context])
         ax.minorticks_off()
     axes[0][0].legend(fontsize=9)

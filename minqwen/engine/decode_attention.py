@@ -7,9 +7,12 @@ scores out and reads them back, and gives the GPU a handful of blocks per kv hea
 flash-decoding) cuts the cached positions into `splits` parts, one program per (row, kv head,
 part), so that every multiprocessor streams a share of the cache. Each program attends to its part
 with an online softmax, keeping its running maximum m, sum of exponentials l and weighted sum of
-values a on chip. `merge_splits` then combines the parts s exactly:
+values a on chip. A second kernel then combines the parts s exactly, one program per query row:
 
     out = sum_s exp(m_s - M) a_s / sum_s exp(m_s - M) l_s,   M = max_s m_s
+
+`merge_splits` is the same formula in PyTorch, the reference the kernel is tested against. Left to the
+compiler it cost more than the parts (book/data/bench/NOTES.md).
 
 The kernel is written in Triton. It runs on CUDA, and on the CPU under Triton's interpreter
 (`TRITON_INTERPRET=1`), which is how the tests check it without a GPU.
@@ -31,6 +34,9 @@ except ImportError:  # a CPU-only install without Triton keeps the matrix-produc
 BLOCK_N = 64
 # Programs to aim for: about two per multiprocessor of an H100 or H200 (132 of them).
 TARGET_PROGRAMS = 264
+# The most parts one loop iteration of the merge reads. Fewer iterations wait on memory fewer times:
+# reading every part at once took the merge from about 6 to 2.5 µs on an H200 (NOTES.md).
+MERGE_BLOCK = 128
 
 
 def available(device: torch.device) -> bool:
@@ -45,6 +51,12 @@ def unsupported(head_dim: int) -> str | None:
     if head_dim < 16 or head_dim & (head_dim - 1):
         return f"head_dim {head_dim} is not a power of two of at least 16"
     return None
+
+
+def preferred(device: torch.device, head_dim: int) -> bool:
+    """Whether the fast engine uses the kernel by default: on CUDA, where it can. On an H200 it beat
+    the matrix products at every context measured (chapter 5); the interpreter is for tests only."""
+    return device.type == "cuda" and available(device) and unsupported(head_dim) is None
 
 
 def split_plan(rows: int, capacity: int, split_len: int | None = None) -> tuple[int, int]:
@@ -128,6 +140,43 @@ if triton is not None:
         tl.store(stats_ptr + out * 2, m)
         tl.store(stats_ptr + out * 2 + 1, total)
 
+    @triton.jit
+    def _merge_parts(
+        acc_ptr,
+        stats_ptr,
+        out_ptr,
+        splits,
+        GROUPS: tl.constexpr,
+        GROUPS_PAD: tl.constexpr,
+        HEAD_DIM: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row_head, g = tl.program_id(0), tl.program_id(1)
+        d = tl.arange(0, HEAD_DIM)
+        big_m = tl.full([], float("-inf"), tl.float32)
+        total = tl.zeros([], tl.float32)
+        weighted = tl.zeros([HEAD_DIM], tl.float32)
+        # The merge formula as a running sum over blocks of parts, rescaled whenever M grows.
+        for start in range(0, splits, BLOCK):
+            s = start + tl.arange(0, BLOCK)
+            part = (row_head * splits + s) * GROUPS_PAD + g
+            m = tl.load(stats_ptr + part * 2, mask=s < splits, other=float("-inf"))
+            size = tl.load(stats_ptr + part * 2 + 1, mask=s < splits, other=0.0)
+            a = tl.load(
+                acc_ptr + part[:, None] * HEAD_DIM + d[None, :],
+                mask=(s < splits)[:, None],
+                other=0.0,
+            )
+            m_new = tl.maximum(big_m, tl.max(m, 0))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            weight = tl.exp(m - shift)
+            rescale = tl.exp(big_m - shift)
+            total = total * rescale + tl.sum(weight * size, 0)
+            weighted = weighted * rescale + tl.sum(weight[:, None] * a, 0)
+            big_m = m_new
+        out = weighted / total
+        tl.store(out_ptr + (row_head * GROUPS + g) * HEAD_DIM + d, out.to(out_ptr.dtype.element_ty))
+
 
 def merge_splits(acc: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """Combine the parts: acc [..., splits, groups, head_dim] and stats [..., splits, groups, 2]
@@ -135,6 +184,27 @@ def merge_splits(acc: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     m, total = stats[..., 0], stats[..., 1]
     weight = torch.exp(m - m.amax(dim=-2, keepdim=True))
     return (weight[..., None] * acc).sum(-3) / (weight * total).sum(-2)[..., None]
+
+
+def merge_parts(
+    acc: torch.Tensor, stats: torch.Tensor, groups: int, dtype: torch.dtype
+) -> torch.Tensor:
+    """`merge_splits` as one Triton kernel: acc [batch, kv_heads, splits, groups_pad, head_dim] and
+    stats [..., 2] from `_attend_part` to [batch, kv_heads, groups, head_dim] in `dtype`, dropping
+    the padding rows beyond `groups`."""
+    batch, kv_heads, splits, groups_pad, head_dim = acc.shape
+    out = torch.empty(batch, kv_heads, groups, head_dim, dtype=dtype, device=acc.device)
+    _merge_parts[(batch * kv_heads, groups)](
+        acc,
+        stats,
+        out,
+        splits,
+        GROUPS=groups,
+        GROUPS_PAD=groups_pad,
+        HEAD_DIM=head_dim,
+        BLOCK=min(MERGE_BLOCK, max(16, triton.next_power_of_2(splits))),
+    )
+    return out
 
 
 def split_attention(
@@ -190,4 +260,4 @@ def split_attention(
         HEAD_DIM=head_dim,
         BLOCK=BLOCK_N,
     )
-    return merge_splits(acc, stats)[:, :, :groups].to(q.dtype)
+    return merge_parts(acc, stats, groups, q.dtype)

@@ -403,7 +403,8 @@ class FastQwen2:
     of it. Each (batch, bucket) gets a decode state (its cache) and, per sampling setting, one captured graph;
     the `MAX_STATES` most recently used states are kept. `use_graphs` defaults to True on CUDA and must be False
     elsewhere. `split_attention` runs decode attention as the split kernel of `minqwen.engine.decode_attention`
-    instead of two matrix products and a softmax (chapter 5 measures both; it needs Triton). The prompt is
+    instead of two matrix products and a softmax; by default it does so where the kernel runs (CUDA with Triton,
+    power-of-two heads), because on an H200 it was faster at every context chapter 5 measured. The prompt is
     prefilled `prefill_chunk` tokens at a time, so a long prompt needs the activations of one chunk, not of all
     of it; on CUDA the work around each chunk's attention is compiled, and a prompt of one chunk runs as a CUDA
     graph per padded length, kept with the decode state (each graph holds about one chunk's activations: a few
@@ -419,7 +420,7 @@ class FastQwen2:
         *,
         bucket: int = 256,
         use_graphs: bool | None = None,
-        split_attention: bool = False,
+        split_attention: bool | None = None,
         prefill_chunk: int = 2048,
     ):
         if not isinstance(model, Qwen2):
@@ -443,14 +444,16 @@ class FastQwen2:
                 f"CUDA graphs need the model on a CUDA device, it is on {self.device}; pass "
                 f"use_graphs=False"
             )
+        if split_attention is None:
+            split_attention = decode_attention.preferred(self.device, c.head_dim)
         if split_attention and not decode_attention.available(self.device):
             missing = "" if decode_attention.triton else ", and Triton is not installed"
             raise ValueError(
                 f"split_attention needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); the model "
-                f"is on {self.device}{missing}: leave split_attention off"
+                f"is on {self.device}{missing}: leave split_attention at its default"
             )
         if split_attention and (reason := decode_attention.unsupported(c.head_dim)):
-            raise ValueError(f"split_attention: {reason}; leave split_attention off")
+            raise ValueError(f"split_attention: {reason}; leave split_attention at its default")
         self.use_graphs, self.bucket, self.prefill_chunk = use_graphs, bucket, prefill_chunk
         with torch.no_grad():
             self.layers = [fuse_layer(layer) for layer in model.layers]
