@@ -147,3 +147,39 @@ def test_the_command_line_quantizes(tiny_checkpoint_with_tokenizer, capsys):
     assert_one_line_error(capsys.readouterr().err, "--group-size goes with --quantize int4")
     assert exit_code([*args, "--quantize", "int5"]) == 2
     assert_one_line_error(capsys.readouterr().err, "--quantize", "int5")
+
+
+@pytest.mark.parametrize("scheme, group_size", [("int8", None), ("int4", 32)])
+def test_a_quantized_load_holds_one_float_projection_at_a_time(
+    tiny_checkpoint, monkeypatch, scheme, group_size
+):
+    """Each projection is quantized as soon as its tensors are read, so the float weights of the others are never
+    in memory with it: when a layer is quantized, every other projection is either still empty (meta) or
+    already quantized."""
+    from minqwen.quant import weight_only
+
+    seen = []
+    quantize_one = weight_only.quantized
+
+    def watching(layer, *args):
+        model = seen[0] if seen else None
+        float_layers = [
+            m
+            for m in (model.modules() if model is not None else [])
+            if type(m) is torch.nn.Linear and not m.weight.is_meta
+        ]
+        seen.append(len(float_layers))
+        return quantize_one(layer, *args)
+
+    original_layers_to_quantize = weight_only.layers_to_quantize
+
+    def remember_model(model, *args):
+        seen.insert(0, model)
+        return original_layers_to_quantize(model, *args)
+
+    monkeypatch.setattr(weight_only, "quantized", watching)
+    monkeypatch.setattr(weight_only, "layers_to_quantize", remember_model)
+    model = minqwen.Qwen2.from_pretrained(tiny_checkpoint, quantize=scheme, group_size=group_size)
+    counts = seen[1:]
+    untied_head = not model.config.tie_word_embeddings
+    assert len(counts) == 7 * len(model.layers) + untied_head and set(counts) == {1}

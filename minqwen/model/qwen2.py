@@ -110,12 +110,14 @@ class Qwen2(nn.Module):
     ):
         """Qwen2 with the weights of the Hugging Face checkpoint folder `path`.
 
-        `quantize` ("int8" or "int4", with `group_size` for int4) stores the projections in fewer bits once
-        loaded, as `minqwen.quantize` does; the arguments are checked before anything is read.
+        `quantize` ("int8" or "int4", with `group_size` for int4) stores the projections in fewer bits, as
+        `minqwen.quantize` does, but one layer at a time as its tensors are read: the float weights are never all in
+        memory at once. The arguments are checked before anything is read.
 
         The folder is first checked against its SHA256SUMS manifest (a folder without one loads with a warning).
         Every fault (a bad config, a corrupt or truncated file, a missing, unexpected, mis-shaped or non-finite
-        tensor) is a LoadError or ConfigError that names the file.
+        tensor) is a LoadError or ConfigError that names the file. Names and shapes are checked from the files'
+        headers before any tensor is read; then each tensor is read, converted, checked and placed in turn.
         """
         if quantize is not None:
             from minqwen.quant import weight_only  # minqwen.quant imports this module
@@ -128,28 +130,34 @@ class Qwen2(nn.Module):
         config = ModelConfig.from_file(path)
         with torch.device("meta"):
             model = cls(config)
+        to_quantize = {}
         if quantize is not None:
-            weight_only.layers_to_quantize(model, quantize, group_size)
+            targets = weight_only.layers_to_quantize(model, quantize, group_size)
+            to_quantize = {full_name: (parent, name) for full_name, parent, name in targets}
         expected = {name: tuple(p.shape) for name, p in model.state_dict().items()}
         if config.tie_word_embeddings:
             expected.pop("lm_head.weight")
-        state, origin = {}, {}
+        shapes, origin = {}, {}
         for file in _safetensors_files(path):
             with _open_safetensors(file) as f:
                 for hf_name in f.keys():
                     name = hf_to_minqwen(hf_name)
                     if config.tie_word_embeddings and name == "lm_head.weight":
                         continue  # some tied checkpoints store the head anyway; the embedding is the truth
-                    state[name], origin[name] = f.get_tensor(hf_name), file
-        _check_state(state, expected, path)
-        state = {name: t.to(device=device, dtype=dtype) for name, t in state.items()}
-        _check_finite(state, origin)
-        model.load_state_dict(state, strict=False, assign=True)
+                    shapes[name], origin[name] = tuple(f.get_slice(hf_name).get_shape()), file
+        _check_state(shapes, expected, path)
+        with torch.no_grad():
+            for name, tensor in _read_tensors(origin, device, dtype):
+                model.load_state_dict({name: tensor}, strict=False, assign=True)
+                layer_name = name.rpartition(".")[0]
+                if layer_name in to_quantize:
+                    parent, attr = to_quantize[layer_name]
+                    layer = getattr(parent, attr)
+                    if not any(p.is_meta for p in layer.parameters()):  # weight and bias are in
+                        setattr(parent, attr, weight_only.quantized(layer, quantize, group_size))
         if config.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight
         model._init_rope(device)
-        if quantize is not None:
-            weight_only.quantize(model, quantize, group_size=group_size)
         return model.eval()
 
 
@@ -209,31 +217,41 @@ def _open_safetensors(file: Path):
         yield f
 
 
-def _check_finite(state: dict[str, torch.Tensor], origin: dict[str, Path]) -> None:
+def _read_tensors(origin: dict[str, Path], device, dtype):
+    """(name, tensor) for every name of `origin` (name -> file), one at a time, converted and checked."""
+    for file in dict.fromkeys(origin.values()):
+        with _open_safetensors(file) as f:
+            for name in (n for n, where in origin.items() if where == file):
+                tensor = f.get_tensor(minqwen_to_hf(name)).to(device=device, dtype=dtype)
+                _check_finite(name, tensor, file)
+                yield name, tensor
+
+
+def _check_finite(name: str, tensor: torch.Tensor, file: Path) -> None:
     """Reject a NaN or infinite weight, which would turn every logit it touches into NaN."""
-    for name, tensor in state.items():
-        # One float32 sum finds any NaN or inf at the cost of a read; the exact test runs only if it overflowed.
-        if torch.sum(tensor, dtype=torch.float32).isfinite() or tensor.isfinite().all():
-            continue
-        bad = int((~tensor.isfinite()).sum())
-        fix = (
-            "float16 stops at 65504: load in bfloat16 or float32, or fetch the checkpoint again"
-            if tensor.dtype == torch.float16
-            else "the checkpoint is corrupt. Fetch it again, or fix the tensor where it was made"
-        )
-        raise LoadError(
-            f"tensor {minqwen_to_hf(name)} in {origin[name]} holds {bad:,} NaN or infinite value(s) as "
-            f"{str(tensor.dtype).removeprefix('torch.')}; {fix}"
-        )
+    # One float32 sum finds any NaN or inf at the cost of a read; the exact test runs only if it overflowed.
+    if torch.sum(tensor, dtype=torch.float32).isfinite() or tensor.isfinite().all():
+        return
+    bad = int((~tensor.isfinite()).sum())
+    fix = (
+        "float16 stops at 65504: load in bfloat16 or float32, or fetch the checkpoint again"
+        if tensor.dtype == torch.float16
+        else "the checkpoint is corrupt. Fetch it again, or fix the tensor where it was made"
+    )
+    raise LoadError(
+        f"tensor {minqwen_to_hf(name)} in {file} holds {bad:,} NaN or infinite value(s) as "
+        f"{str(tensor.dtype).removeprefix('torch.')}; {fix}"
+    )
 
 
-def _check_state(state: dict, expected: dict, path: Path) -> None:
-    missing = sorted(set(expected) - set(state), key=_natural)
-    unexpected = sorted(set(state) - set(expected), key=_natural)
+def _check_state(shapes: dict, expected: dict, path: Path) -> None:
+    """The files' tensor names and shapes against the config's, before any tensor is read."""
+    missing = sorted(set(expected) - set(shapes), key=_natural)
+    unexpected = sorted(set(shapes) - set(expected), key=_natural)
     wrong = [
-        f"{n}: file {tuple(state[n].shape)} vs config {expected[n]}"
-        for n in sorted(set(state) & set(expected), key=_natural)
-        if tuple(state[n].shape) != expected[n]
+        f"{n}: file {shapes[n]} vs config {expected[n]}"
+        for n in sorted(set(shapes) & set(expected), key=_natural)
+        if shapes[n] != expected[n]
     ]
     problems = []
     if missing:

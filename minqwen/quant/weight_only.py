@@ -31,13 +31,17 @@ def quantize(model: Qwen2, scheme: str = "int8", *, group_size: int | None = Non
     copy of the largest matrix. `group_size` (int4 only, default 128) is how many input weights
     share a step. Every argument is checked before any weight changes."""
     targets = layers_to_quantize(model, scheme, group_size)
-    group_size = group_size or DEFAULT_GROUP_SIZE
     with torch.no_grad():
         for _, parent, name in targets:
-            linear = getattr(parent, name)
-            quantized = Int8Linear(linear) if scheme == "int8" else Int4Linear(linear, group_size)
-            setattr(parent, name, quantized)
+            setattr(parent, name, quantized(getattr(parent, name), scheme, group_size))
     return model
+
+
+def quantized(linear: nn.Linear, scheme: str, group_size: int | None) -> nn.Module:
+    """One projection in `scheme`, its arguments already checked (by `layers_to_quantize`)."""
+    if scheme == "int8":
+        return Int8Linear(linear)
+    return Int4Linear(linear, group_size or DEFAULT_GROUP_SIZE)
 
 
 def check_scheme(scheme: str, group_size: int | None) -> None:

@@ -176,7 +176,8 @@ pd.DataFrame(
 
 # %% [markdown]
 # The loader, `Qwen2.from_pretrained`, applies this map and refuses any missing, unexpected or mis-shaped tensor
-# before it loads anything:
+# from the files' headers, before it reads any tensor. Then it reads them one at a time, so that a model quantized
+# while loading ({doc}`../ch6/03_int4_weights`) never holds all its float weights at once:
 
 # %%
 show_source(minqwen.Qwen2.from_pretrained)
