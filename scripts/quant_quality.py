@@ -2,7 +2,11 @@
 
 For each embedded model (Qwen2.5-Coder 0.5B and 1.5B Instruct, whose float32 weights are the book's GGUF
 files dequantized), and each scheme (float32 as loaded, bf16, int8, int4 at group sizes 32, 64 and 128), one
-forward pass over the held-out text: the first 1,024 tokens of Python's own `textwrap.py`. One JSON line per
+forward pass over the held-out text: the first 1,024 tokens of Python's own `textwrap.py`. With `--schemes` naming
+`torchao-int8` or `torchao-int4-g<G>`, the same projections are quantized by torchao, the reference library (it
+must be importable): int8 through its own `Int8WeightOnlyConfig`, int4 through the primitives its
+`Int4WeightOnlyConfig` uses (tinygemm's grid, from bfloat16 weights) and dequantized, because its int4 kernels
+need CUDA; quality depends on the grid, not on the kernel. One JSON line per
 (model, scheme) with the three numbers against the float32 model, the bits each projection weight takes (its
 scales and zero points included) and, for the GGUF mix, those of the file's own formats. Chapter 6 plots the
 committed lines; the page recomputes the 0.5B int4 point and checks it against them.
@@ -26,6 +30,7 @@ import minqwen
 from minqwen.quant.gguf_blocks import BLOCK_FORMATS
 from minqwen.quant.int4 import Int4Linear
 from minqwen.quant.int8 import Int8Linear
+from minqwen.quant.weight_only import layers_to_quantize
 from minqwen.weights import EMBEDDED, cache_dir, fetch
 
 SCHEMES = ("float32", "bfloat16", "int8", "int4-g32", "int4-g64", "int4-g128")
@@ -42,7 +47,44 @@ def variant(model, scheme: str):
     if scheme == "bfloat16":
         return copy.deepcopy(model).to(torch.bfloat16)
     name, _, group = scheme.partition("-g")
+    if name.startswith("torchao-"):
+        return torchao_variant(copy.deepcopy(model), name, int(group) if group else None)
     return minqwen.quantize(copy.deepcopy(model), name, group_size=int(group) if group else None)
+
+
+def torchao_variant(model, name: str, group_size: int | None):
+    """The projections `minqwen.quantize` would take, quantized by torchao instead."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    from torchao.quantization.quant_primitives import (
+        MappingType,
+        _choose_qparams_affine_tinygemm,
+        _dequantize_affine_tinygemm,
+        _quantize_affine_tinygemm,
+    )
+
+    targets = layers_to_quantize(model, name.removeprefix("torchao-"), group_size)
+    if name == "torchao-int8":
+        chosen = {full_name for full_name, _, _ in targets}
+        quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda _, fqn: fqn in chosen)
+        return model
+    block = (1, group_size)
+    for _, parent, attr in targets:
+        weight = getattr(parent, attr).weight
+        w = weight.detach().to(torch.bfloat16)
+        scale, zero = _choose_qparams_affine_tinygemm(
+            w,
+            MappingType.ASYMMETRIC,
+            block,
+            torch.int32,
+            0,
+            15,
+            scale_dtype=torch.bfloat16,
+            zero_point_dtype=torch.bfloat16,
+        )
+        q = _quantize_affine_tinygemm(w, block, scale, zero, torch.int32, 0, 15)
+        grid = _dequantize_affine_tinygemm(q, block, scale, zero, torch.int32, 0, 15)
+        weight.data = grid.to(weight.dtype)
+    return model
 
 
 def quality(log_p: torch.Tensor, log_q: torch.Tensor, ids: torch.Tensor) -> dict:
@@ -55,8 +97,18 @@ def quality(log_p: torch.Tensor, log_q: torch.Tensor, ids: torch.Tensor) -> dict
     }
 
 
-def projection_bits(model) -> float | None:
-    """Bits per weight of the quantized projections, their scales and zero points included."""
+def projection_bits(model, scheme: str) -> float | None:
+    """Bits per weight of the quantized projections, their scales and zero points included. torchao's
+    int8 stores a float32 scale per row, as minqwen's does; its int4 a bfloat16 scale and zero per group."""
+    if scheme.startswith("torchao-"):
+        name, _, group = scheme.removeprefix("torchao-").partition("-g")
+        layers = [
+            getattr(parent, attr) for _, parent, attr in layers_to_quantize(model, "int8", None)
+        ]
+        weights = sum(m.in_features * m.out_features for m in layers)
+        if name == "int8":
+            return 8 + 32 * sum(m.out_features for m in layers) / weights
+        return 4 + 32 / int(group)
     bits = weights = 0
     for m in model.modules():
         if isinstance(m, Int8Linear):
@@ -84,6 +136,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="embedded,embedded-1.5b")
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--schemes", default=",".join(SCHEMES))
     args = p.parse_args()
     torch.manual_seed(0)
     for source in args.models.split(","):
@@ -92,7 +145,7 @@ def main() -> None:
         ids = held_out_ids(minqwen.BPETokenizer.from_file(folder))
         with torch.no_grad():
             log_p = model(ids).float().log_softmax(-1)[0]
-            for scheme in SCHEMES:
+            for scheme in args.schemes.split(","):
                 quantized = variant(model, scheme)
                 log_q = quantized(ids).float().log_softmax(-1)[0]
                 record = {
@@ -101,7 +154,7 @@ def main() -> None:
                     "tokens": ids.shape[1],
                     "text": "textwrap.py (Python standard library)",
                     **quality(log_p, log_q, ids),
-                    "bits_per_weight": projection_bits(quantized),
+                    "bits_per_weight": projection_bits(quantized, scheme),
                     "gguf_bits_per_weight": gguf_projection_bits(
                         cache_dir() / "gguf" / EMBEDDED[source].gguf_name
                     ),

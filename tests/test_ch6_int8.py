@@ -104,3 +104,17 @@ def test_the_decode_kernel_is_the_product_with_the_dequantized_weight(
     ours = int8_matvec(x, layer.weight_int8, layer.scales)
     exact = x.double() @ layer.dequantized_weight().double().T
     torch.testing.assert_close(ours.double(), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_quantizing_in_slices_of_rows_changes_nothing(monkeypatch):
+    """Rows are quantized a slice at a time to bound the temporaries; the result is the whole matrix's, bit for
+    bit, also when the last slice is short."""
+    from minqwen.quant import int4, int8
+
+    weight = torch.randn(70, 64, generator=torch.Generator().manual_seed(5))
+    whole = int8.quantize_per_channel(weight), int4.quantize_groupwise(weight, 32)
+    monkeypatch.setattr(int8, "ROWS_PER_SLICE", 16)
+    monkeypatch.setattr(int4, "ROWS_PER_SLICE", 16)
+    sliced = int8.quantize_per_channel(weight), int4.quantize_groupwise(weight, 32)
+    for expected, got in zip(whole, sliced):
+        assert all(torch.equal(e, g) for e, g in zip(expected, got))

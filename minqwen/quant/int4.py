@@ -21,6 +21,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from minqwen.quant.int8 import ROWS_PER_SLICE
+
 GROUP_SIZES = (32, 64, 128, 256)
 DEFAULT_GROUP_SIZE = 128
 # The CPU packing works on blocks of 16 output rows.
@@ -36,11 +38,18 @@ def quantize_groupwise(
     float32 grid (`Int4Linear` stores the steps and zero points in bfloat16, which moves each level by a
     little more). A constant group keeps a tiny nonzero step, so that nothing divides by zero."""
     out_features, in_features = weight.shape
-    w = weight.detach().float().reshape(out_features, in_features // group_size, group_size)
-    minimums, maximums = w.amin(dim=-1), w.amax(dim=-1)
-    steps = ((maximums - minimums) / 15).clamp(min=1e-8)
-    values = torch.round((w - minimums[..., None]) / steps[..., None]).clamp(0, 15)
-    return values.to(torch.uint8).reshape(out_features, in_features), steps, minimums
+    groups = in_features // group_size
+    values = torch.empty(weight.shape, dtype=torch.uint8, device=weight.device)
+    steps = torch.empty(out_features, groups, device=weight.device)
+    minimums = torch.empty_like(steps)
+    for start in range(0, out_features, ROWS_PER_SLICE):
+        rows = slice(start, start + ROWS_PER_SLICE)
+        w = weight[rows].detach().float().reshape(-1, groups, group_size)
+        minimums[rows], maximums = w.amin(dim=-1), w.amax(dim=-1)
+        steps[rows] = ((maximums - minimums[rows]) / 15).clamp(min=1e-8)
+        levels = torch.round((w - minimums[rows, :, None]) / steps[rows, :, None]).clamp(0, 15)
+        values[rows] = levels.reshape(-1, in_features)
+    return values, steps, minimums
 
 
 def kernel_scales_and_zeros(steps: torch.Tensor, minimums: torch.Tensor) -> torch.Tensor:

@@ -24,15 +24,23 @@ from minqwen.quant import int8_matvec
 MATVEC_MAX_ROWS = 16
 
 
+# Rows quantized at once: a whole LM head in float32 temporaries would be several copies of it (NOTES.md).
+ROWS_PER_SLICE = 4096
+
+
 def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 values [out, in] and float32 scales [out] with weight ~ scales[:, None] * values.
 
     Symmetric: the largest magnitude of each row maps to 127, and every value is off by at most
     half a scale. An all-zero row gets scale 1, so that nothing divides by zero."""
-    w = weight.detach().float()
-    scales = w.abs().amax(dim=1) / 127
-    scales = torch.where(scales == 0, torch.ones_like(scales), scales)
-    values = torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    values = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], device=weight.device)
+    for start in range(0, weight.shape[0], ROWS_PER_SLICE):
+        rows = slice(start, start + ROWS_PER_SLICE)
+        w = weight[rows].detach().float()
+        row_scales = w.abs().amax(dim=1) / 127
+        scales[rows] = torch.where(row_scales == 0, torch.ones_like(row_scales), row_scales)
+        values[rows] = torch.round(w / scales[rows, None]).clamp(-127, 127)
     return values, scales
 
 
