@@ -148,7 +148,13 @@ def by_context(steps: pd.DataFrame, columns=("eager", "graphs", "roofline")) -> 
     # At most 10 inches across: wider, the page shrinks the figure and its text with it.
     width = min(5 * len(sizes), 10)
     fig, axes = plt.subplots(1, len(sizes), figsize=(width, 3.4), squeeze=False)
-    styles = {"eager": "C2o-", "graphs": "C3o-", "split": "C0o-", "roofline": "k--"}
+    styles = {
+        "eager": "C2o-",
+        "graphs": "C3o-",
+        "matrix products": "C3o-",
+        "split": "C0o-",
+        "roofline": "k--",
+    }
     for ax, (size, rows) in zip(axes[0], steps.groupby("size", sort=False)):
         for column in columns:
             ax.plot(rows.context, rows[column], styles[column], label=column, ms=4)

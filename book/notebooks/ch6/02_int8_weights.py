@@ -71,6 +71,10 @@ print(stamp())
 show_source(int8.quantize_per_channel)
 
 # %% [markdown]
+# The loop over slices of `ROWS_PER_SLICE` (4,096) rows changes no value; it keeps the float32 temporaries of a
+# large matrix, the LM head above all, to one slice's worth while a model is quantized as it loads
+# ({doc}`03_int4_weights` measures the memory).
+#
 # On the gate projection of the first layer, every weight lands within half a step of its int8 value, and the
 # error, measured in steps, spreads evenly over that half-step either way:
 

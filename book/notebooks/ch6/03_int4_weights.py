@@ -222,9 +222,13 @@ reference["model"] = (
     reference["model"].str.removeprefix("Qwen2.5-Coder-").str.removesuffix("-Instruct")
 )
 side_by_side = reference.pivot_table(
-    index=["model", "scheme"], columns="library", values=["perplexity", "kl_nats"]
+    index=["model", "scheme"],
+    columns="library",
+    values=["perplexity", "kl_nats", "top1_agreement"],
 )
-side_by_side.round(4)
+order = ["int8", "int4-g32", "int4-g64", "int4-g128"]
+side_by_side = side_by_side.reindex(order, level="scheme")
+side_by_side.style.set_uuid("int4-torchao").format("{:.4f}")
 
 # %%
 kl = side_by_side["kl_nats"]
@@ -233,10 +237,11 @@ print(f"torchao's KL divergence over minqwen's: {ratio.min():.2f} to {ratio.max(
 assert ((ratio - 1).abs() < 0.1).all()
 
 # %% [markdown]
-# The two libraries' grids cost the same, to within 5% of KL divergence, on both models and at every setting: what
-# int4 loses here is the price of sixteen levels, not of this implementation. The same holds for int8's top-1
-# agreement on the 0.5B, 97.9% for minqwen and 97.85% for torchao, just short of the 98% one might hope for.
-# (torchao also fits the int4 step and zero point by optimization, its HQQ option; that was not measured.)
+# The two libraries' grids cost the same, to within 5% of KL divergence, on both models and at every setting,
+# though torchao rounds from bfloat16 weights and minqwen from float32. That shows the implementation is right,
+# and that what int4 loses here is the price of a min/max grid of sixteen levels. int8's top-1 agreement on the
+# 0.5B is 97.9% for minqwen and 97.85% for torchao. A smarter grid could do better: torchao can also fit the int4
+# step and zero point by optimization (its HQQ option), which was not measured.
 
 # %% [markdown]
 # ## What it buys on this CPU
@@ -370,24 +375,27 @@ print(tok.decode(eager[0, question.shape[1] :]))
 # %% [markdown]
 # ## Memory while loading
 #
-# Quantizing saves memory only if the load does not first need the float model whole. `from_pretrained` checks
-# every tensor's name and shape from the files' headers, then reads the tensors one at a time, each converted to
-# the asked dtype as it arrives; as soon as a projection's weight and bias are in, `weight_only.quantized` turns it
-# into int8 or int4 and its float weight is dropped:
+# Quantizing saves memory only if the load does not first need the float model whole. After checking its
+# arguments and the checkpoint's SHA256SUMS, `from_pretrained` checks every tensor's name and shape from the files'
+# headers, then reads the tensors one at a time, each converted to the asked dtype as it arrives. As soon as a
+# projection's weight and bias are in, it calls `weight_only.quantized` on that layer, and the float weight is
+# dropped (the whole loader is shown in {doc}`../ch2/02_weight_map`):
 
 # %%
 show_source(weight_only.quantized)
 
 # %% [markdown]
-# The quantizers themselves take a slice of 4,096 rows at a time: their float32 temporaries of the LM head
-# (151,936 × 896, 545 MB in float32) would otherwise be several copies of it.
+# The quantizers themselves, `int8.quantize_per_channel` and `int4.quantize_groupwise`, take a slice of
+# `ROWS_PER_SLICE` (4,096) rows at a time: their float32 temporaries of the LM head (151,936 × 896, 545 MB in
+# float32) would otherwise be several copies of it.
 #
 # `scripts/quant_memory.py` measures each scheme in a fresh process that loads the book's model and decodes 16
 # tokens, on this 2-core machine, with three loaders side by side: the first, which read the whole checkpoint
 # before quantizing; one layer at a time; and one layer at a time in slices of rows, today's. The memory a load
-# needs is the process's own, anonymous memory at its peak. Its resident memory also counts the pages of the
-# 2.5 GB float32 file that safetensors maps in, which the kernel can drop again; a float32 load reads its tensors
-# straight from those pages, which is why it needs almost nothing of its own.
+# needs is the process's own, anonymous memory at its peak. Its resident memory (the last column) also counts the
+# pages of the 2.5 GB float32 file that safetensors maps in, which the kernel can drop again; a float32 load reads
+# its tensors straight from those pages, which is why it needs almost nothing of its own. "model" is what the
+# loaded model holds: the quantized layers plus the embedding and norms in bfloat16 (float32 for the float32 row).
 
 # %% tags=["hide-input"]
 memory = pd.read_json(QUANT / "memory-cpu-2026-11-30.jsonl", lines=True)
@@ -408,6 +416,8 @@ memory_table = memory_table.loc[
     list(dict.fromkeys(memory.scheme)), list(loaders.values())
 ]
 memory_table.insert(0, "model", memory.groupby("scheme").model_bytes.first() / 1e9)
+today = memory[memory.loader == "... in slices of rows"].set_index("scheme")
+memory_table["resident, today"] = today.peak_rss_bytes / 1e9
 memory_table.columns.name = "GB"
 memory_table.round(2)
 
@@ -420,14 +430,13 @@ saved = (
 )
 print(f"quantized loads now need {saved.min():.0%} to {saved.max():.0%} less")
 assert (saved > 0.5).all()
-assert (
-    quantized_schemes["... in slices of rows"] < memory_table.loc["bfloat16"].iloc[-1]
-).all()
+bf16_today = memory_table.loc["bfloat16", "... in slices of rows"]
+assert (quantized_schemes["... in slices of rows"] < bf16_today).all()
 
 # %% [markdown]
-# A quantized load now needs less memory than a bfloat16 one, about the quantized model plus Python and torch and
-# the one float matrix being quantized. For a model near the size of the machine's memory that is the
-# difference between loading and not.
+# A quantized load now needs less memory than a bfloat16 one. For int8 the 1.46 GB is the 0.77 GB model, about
+# 0.23 GB of Python and torch, the LM head read in bfloat16 (0.27 GB) while it is quantized, and some 0.2 GB of
+# one slice's temporaries and the allocator's slack. Near the size of the machine's memory, that margin matters.
 
 # %% [markdown]
 # ## Summary
@@ -436,7 +445,7 @@ assert (
 #   group of $g$ inputs: $4 + 32/g$ bits per weight, each weight within $s/2$ of the float32 grid.
 # - PyTorch's int4 kernels take the grid as $(q - 8)s + z$, values packed two to a byte in a per-device layout; the
 #   kernel itself reads the values back, which is how the fast engine joins projections.
-# - On real text int8 is free; int4 costs the 0.5B model about 9% perplexity at $g = 32$ and the 1.5B much less;
+# - On real text int8 is free; int4 costs the 0.5B model about 9% perplexity at $g = 32$ and the 1.5B 4.4%;
 #   smaller groups buy accuracy for bits.
 # - On this CPU int4 decodes several times as fast as float32; on an H200 it gives 1.57 times bf16 at 7B, and
 #   nothing, or less than nothing, at the launch-bound small sizes. int8 on the GPU needs a better kernel than the
