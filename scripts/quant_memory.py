@@ -57,7 +57,7 @@ def measure(source: str, scheme: str) -> dict:
     import torch
 
     import minqwen
-    from minqwen.quant.weight_only import QUANTIZED_LAYERS
+    from minqwen.quant.weight_only import QUANTIZED_LAYERS, format_bits
 
     name, _, group = scheme.partition("-g")
     quantize = None if scheme in ("float32", "bfloat16") else name
@@ -74,14 +74,7 @@ def measure(source: str, scheme: str) -> dict:
     weights = sum(m.in_features * m.out_features for m in layers)
     held = sum(t.nbytes for t in (*model.parameters(), *model.buffers()))
     quantized_held = sum(t.nbytes for m in layers for t in m.buffers())
-    # Bits per weight of the format, scales and zero points included: int8 adds a float32 scale per row,
-    # int4 a bfloat16 step and zero point per group.
-    if quantize == "int8":
-        bits = 8 + 32 * sum(m.out_features for m in layers) / weights
-    elif quantize == "int4":
-        bits = 4 + 32 / int(group)
-    else:
-        bits = None
+    bits = format_bits(quantize, int(group) if group else None, layers) if quantize else None
     return {
         "model": source,
         "scheme": scheme,

@@ -30,7 +30,7 @@ import minqwen
 from minqwen.quant.gguf_blocks import BLOCK_FORMATS
 from minqwen.quant.int4 import Int4Linear
 from minqwen.quant.int8 import Int8Linear
-from minqwen.quant.weight_only import layers_to_quantize
+from minqwen.quant.weight_only import format_bits, layers_to_quantize
 from minqwen.weights import EMBEDDED, cache_dir, fetch
 
 SCHEMES = ("float32", "bfloat16", "int8", "int4-g32", "int4-g64", "int4-g128")
@@ -98,17 +98,15 @@ def quality(log_p: torch.Tensor, log_q: torch.Tensor, ids: torch.Tensor) -> dict
 
 
 def projection_bits(model, scheme: str) -> float | None:
-    """Bits per weight of the quantized projections, their scales and zero points included. torchao's
-    int8 stores a float32 scale per row, as minqwen's does; its int4 a bfloat16 scale and zero per group."""
+    """Bits per weight of the quantized projections, their scales and zero points included. torchao
+    stores what minqwen's formats store: a float32 scale per row for int8, a bfloat16 scale and zero
+    per group for int4."""
     if scheme.startswith("torchao-"):
         name, _, group = scheme.removeprefix("torchao-").partition("-g")
         layers = [
             getattr(parent, attr) for _, parent, attr in layers_to_quantize(model, "int8", None)
         ]
-        weights = sum(m.in_features * m.out_features for m in layers)
-        if name == "int8":
-            return 8 + 32 * sum(m.out_features for m in layers) / weights
-        return 4 + 32 / int(group)
+        return format_bits(name, int(group) if group else None, layers)
     bits = weights = 0
     for m in model.modules():
         if isinstance(m, Int8Linear):

@@ -14,7 +14,7 @@ import torch
 from conftest import left_pad, random_prompts
 
 import minqwen
-from minqwen.engine.fast import FastQwen2, prefill_attention
+from minqwen.engine.fast import FastQwen2, cudnn_attention, prefill_attention
 from minqwen.engine.request import prepare
 
 GREEDY = dict(do_sample=False, eos_token_id=[])
@@ -126,3 +126,9 @@ def test_quantized_model_prefilled_in_chunks_equals_eager(tiny_ours, scheme, set
 def test_bad_prefill_chunk_is_refused(tiny_ours, chunk):
     with pytest.raises(ValueError, match="prefill_chunk must be a positive int"):
         FastQwen2(tiny_ours, prefill_chunk=chunk)
+
+
+def test_float32_chunks_on_cuda_do_not_go_to_cudnn():
+    """cuDNN's attention op, called directly, takes float32 and returned NaN on an H200: float32 chunks take the
+    bottom-right mask instead. Decided before any CUDA query, so it is checked here without a GPU."""
+    assert not cudnn_attention(torch.device("cuda"), torch.float32)

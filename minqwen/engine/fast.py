@@ -164,7 +164,7 @@ def prefill_attention(q, keys, values, mask):
     batch, heads, seq, head_dim = q.shape
     if seq == keys.shape[2]:
         return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True)
-    if q.device.type == "cuda" and not cudnn_attention(q.device):
+    if q.device.type == "cuda" and not cudnn_attention(q.device, q.dtype):
         bottom_right = causal_lower_right(seq, keys.shape[2])
         return F.scaled_dot_product_attention(
             q, keys, values, attn_mask=bottom_right, enable_gqa=True
@@ -202,8 +202,11 @@ def merge_attention(parts):
 
 
 @functools.cache
-def cudnn_attention(device: torch.device) -> bool:
-    """Whether cuDNN's attention kernel runs here: a CUDA card from the A100 on, with cuDNN."""
+def cudnn_attention(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether cuDNN's attention kernel runs here: 16-bit inputs on a CUDA card from the A100 on,
+    with cuDNN. Called directly, its op does not refuse float32; it returned NaN on an H200."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return False
     ampere_or_later = torch.cuda.get_device_capability(device) >= (8, 0)
     return torch.backends.cudnn.is_available() and ampere_or_later
 
@@ -368,13 +371,7 @@ class _PrefillGraph:
         self.last = torch.zeros(1, dtype=torch.long, device=device)
 
         def forward():
-            x = F.embedding(self.ids, fast.embedding)
-            cos, sin = rope_cos_sin(fast.inv_freq, self.positions, fast.rope_scale, x.dtype)
-            mask = None
-            if left_padded:
-                mask = Qwen2.attention_mask(length, 0, self.attention_mask, device)
-            for w, keys, values in zip(fast.layers, state.keys, state.values):
-                x = fast._prefill_layer(x, cos, sin, mask, 0, keys, values, w)
+            x = fast._prefill_span(state, self.ids, self.positions, self.attention_mask, 0)
             last = x.index_select(1, self.last)
             return head_logits(last, fast.norm_weight, fast.lm_head_weight, fast.shape.eps)
 
@@ -645,16 +642,24 @@ class FastQwen2:
         prompt = input_ids.shape[1]
         for start in range(0, prompt, self.prefill_chunk):
             end = min(start + self.prefill_chunk, prompt)
-            x = F.embedding(input_ids[:, start:end], self.embedding)
-            cos, sin = rope_cos_sin(
-                self.inv_freq, positions[:, start:end], self.rope_scale, x.dtype
+            mask = attention_mask[:, :end] if left_padded else None
+            x = self._prefill_span(
+                state, input_ids[:, start:end], positions[:, start:end], mask, start
             )
-            mask = None  # causal, which prefill_attention builds no mask for
-            if left_padded:
-                mask = Qwen2.attention_mask(end - start, start, attention_mask[:, :end], x.device)
-            for w, keys, values in zip(self.layers, state.keys, state.values):
-                x = self._prefill_layer(x, cos, sin, mask, start, keys, values, w)
         return head_logits(x, self.norm_weight, self.lm_head_weight, self.shape.eps)
+
+    def _prefill_span(self, state, ids, positions, attention_mask, start: int):
+        """Prompt tokens [start, start + seq) through every layer, their keys and values into the
+        cache; `attention_mask` [batch, start + seq] marks left padding, or is None for none (then
+        attention is causal, with no mask built)."""
+        x = F.embedding(ids, self.embedding)
+        cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale, x.dtype)
+        mask = None
+        if attention_mask is not None:
+            mask = Qwen2.attention_mask(ids.shape[1], start, attention_mask, x.device)
+        for w, keys, values in zip(self.layers, state.keys, state.values):
+            x = self._prefill_layer(x, cos, sin, mask, start, keys, values, w)
+        return x
 
     def _prefill_layer(self, x, cos, sin, mask, start: int, keys, values, w: LayerWeights):
         """One chunk of the prompt through one layer: its keys and values land in cache slots

@@ -44,6 +44,15 @@ def quantized(linear: nn.Linear, scheme: str, group_size: int | None) -> nn.Modu
     return Int4Linear(linear, group_size or DEFAULT_GROUP_SIZE)
 
 
+def format_bits(scheme: str, group_size: int | None, layers: list[nn.Module]) -> float:
+    """Bits per weight that `scheme` stores for `layers`, scales and zero points included: int8 adds
+    a float32 scale per output row, int4 a bfloat16 step and zero point per group."""
+    if scheme == "int8":
+        weights = sum(m.in_features * m.out_features for m in layers)
+        return 8 + 32 * sum(m.out_features for m in layers) / weights
+    return 4 + 32 / (group_size or DEFAULT_GROUP_SIZE)
+
+
 def check_scheme(scheme: str, group_size: int | None) -> None:
     """A ValueError unless `scheme` and `group_size` go together: checked before a model loads."""
     if scheme not in SCHEMES:

@@ -132,8 +132,8 @@ for size in ("0.5B", "7B"):
 # a softmax over the parts' $\lambda$. It is the identity behind split attention in
 # {doc}`02_split_attention`, with the maxima and sums folded into one number per part. On CUDA both parts run
 # in cuDNN's attention kernel (NVIDIA's library of fused deep-learning kernels), on the CPU in PyTorch's own
-# fused kernel. Two cases keep the single call: a left-padded batch, whose mask is passed as it is, and GPUs
-# older than the A100, where cuDNN's kernel does not run; there `causal_lower_right` stays.
+# fused kernel. Three cases keep the single call: a left-padded batch, whose mask is passed as it is, and GPUs
+# older than the A100 or float32 inputs, where cuDNN's kernel does not run; there `causal_lower_right` stays.
 
 # %%
 show_source(prefill_attention)
@@ -171,6 +171,7 @@ assert error < 1e-5
 
 # %%
 show_source(FastQwen2._prefill_chunks)
+show_source(FastQwen2._prefill_span)
 show_source(FastQwen2._prefill_layer)
 
 # %% [markdown]
