@@ -129,6 +129,6 @@ def test_bad_prefill_chunk_is_refused(tiny_ours, chunk):
 
 
 def test_float32_chunks_on_cuda_do_not_go_to_cudnn():
-    """cuDNN's attention op, called directly, takes float32 and returned NaN on an H200: float32 chunks take the
+    """cuDNN's attention op, called directly, does not refuse float32, which it lacks: float32 chunks take the
     bottom-right mask instead. Decided before any CUDA query, so it is checked here without a GPU."""
     assert not cudnn_attention(torch.device("cuda"), torch.float32)

@@ -204,7 +204,7 @@ def merge_attention(parts):
 @functools.cache
 def cudnn_attention(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether cuDNN's attention kernel runs here: 16-bit inputs on a CUDA card from the A100 on,
-    with cuDNN. Called directly, its op does not refuse float32; it returned NaN on an H200."""
+    with cuDNN. Called directly, its op does not refuse float32, which cuDNN's attention lacks."""
     if dtype not in (torch.float16, torch.bfloat16):
         return False
     ampere_or_later = torch.cuda.get_device_capability(device) >= (8, 0)
