@@ -24,6 +24,8 @@ _PUBLIC = {
     "generate_tokens": "minqwen.engine.generate",
     "stream": "minqwen.engine.streaming",
     "FastQwen2": "minqwen.engine.fast",
+    "SpeculativeDecoder": "minqwen.engine.speculative",
+    "speculative_generate": "minqwen.engine.speculative",
     "quantize": "minqwen.quant.weight_only",
     "BPETokenizer": "minqwen.tokenizer",
     "render_chat": "minqwen.tokenizer",

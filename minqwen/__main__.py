@@ -112,11 +112,12 @@ class Session:
             raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
         if args.group_size is not None and args.quantize != "int4":
             raise ValueError("--group-size goes with --quantize int4; add it, or drop --group-size")
+        _check_draft(args)
         self.settings = _settings(args)
         from minqwen.tools.hardware import check_device
 
         device = check_device(args.device)
-        engine = args.engine or ("fast" if device.type == "cuda" else "eager")
+        engine = args.engine or ("fast" if device.type == "cuda" and not args.draft else "eager")
         import torch
 
         from minqwen.engine.fast import FastQwen2
@@ -136,6 +137,15 @@ class Session:
         )
         SamplingConfig.resolve(model.config.sampling_defaults, **self.settings)
         self.engine = FastQwen2(model) if engine == "fast" else model
+        if args.draft:
+            from minqwen.engine.speculative import PROMPT_LOOKUP, SpeculativeDecoder
+
+            draft = args.draft
+            if draft != PROMPT_LOOKUP:
+                draft = Qwen2.from_pretrained(
+                    fetch(draft, trust=True), dtype=getattr(torch, args.dtype), device=device
+                )
+            self.engine = SpeculativeDecoder(model, draft, num_draft_tokens=args.num_draft_tokens)
         self.max_new_tokens, self.stop, self.stats = args.max_new_tokens, args.stop, args.stats
 
     def encode(self, messages: list[dict] | str) -> list[int]:
@@ -170,6 +180,14 @@ class Session:
         sys.stdout.flush()
         if self.stats:
             print(_speed(len(ids), pieces, started), file=sys.stderr)
+            drafted = getattr(self.engine, "stats", None)
+            if drafted is not None:
+                print(
+                    f"[speculative: {drafted.rounds} rounds, {drafted.accepted} of {drafted.drafted} drafts "
+                    f"accepted ({drafted.acceptance_rate:.0%}), {drafted.tokens_per_pass:.2f} tokens per "
+                    f"target pass]",
+                    file=sys.stderr,
+                )
         return pieces.text
 
 
@@ -182,6 +200,31 @@ def _speed(prompt_tokens: int, pieces, started: float) -> str:
         f"[{prompt_tokens} prompt tokens: prefill {prompt_tokens / (first - started):,.0f} tok/s; "
         f"{new} new tokens: decode {decode}]"
     )
+
+
+def _check_draft(args) -> None:
+    """--draft and --num-draft-tokens, before anything loads."""
+    if args.num_draft_tokens is not None and not args.draft:
+        raise ValueError(
+            "--num-draft-tokens goes with --draft; add --draft, or drop --num-draft-tokens"
+        )
+    if not args.draft:
+        return
+    if args.num_draft_tokens is None:
+        from minqwen.engine.speculative import DEFAULT_DRAFT_TOKENS
+
+        args.num_draft_tokens = DEFAULT_DRAFT_TOKENS
+    if args.num_draft_tokens < 1:
+        raise ValueError(f"--num-draft-tokens must be at least 1, got {args.num_draft_tokens}")
+    if args.engine == "fast":
+        raise ValueError(
+            "--draft runs on the eager engine for now (chapter 7); drop --engine fast, or drop --draft"
+        )
+    if args.quantize and args.draft != "prompt-lookup":
+        raise ValueError(
+            "--quantize applies to the target only and the draft model would stay in float: drop one, or "
+            "use --draft prompt-lookup"
+        )
 
 
 def _messages(system: str | None) -> list[dict]:
@@ -308,6 +351,7 @@ def _error(message: str) -> None:
 
 
 def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    from minqwen.engine.speculative import DEFAULT_DRAFT_TOKENS
     from minqwen.quant.int4 import DEFAULT_GROUP_SIZE, GROUP_SIZES
     from minqwen.quant.weight_only import SCHEMES
 
@@ -335,6 +379,16 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument(
+        "--draft",
+        help="speculative decoding (chapter 7): prompt-lookup, or a smaller model of the same family as "
+        "any minqwen.fetch source (embedded for --model embedded-1.5b)",
+    )
+    p.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        help=f"tokens drafted per round (default {DEFAULT_DRAFT_TOKENS}); needs --draft",
+    )
+    p.add_argument(
         "--greedy", action="store_true", help="always pick the most likely token (no sampling)"
     )
     p.add_argument("--temperature", type=float, help="default: the checkpoint's generation_config")
@@ -351,7 +405,9 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system message (default: the chat template's own)")
     p.add_argument("--stop", action="append", help="stop string, not printed (repeat for several)")
     p.add_argument(
-        "--stats", action="store_true", help="print prefill and decode tok/s after each reply"
+        "--stats",
+        action="store_true",
+        help="print prefill and decode tok/s after each reply (with --draft, the acceptance too)",
     )
 
 

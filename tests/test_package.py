@@ -56,6 +56,8 @@ def test_public_api_is_what_users_need():
         "generate_tokens",
         "stream",
         "FastQwen2",
+        "SpeculativeDecoder",
+        "speculative_generate",
         "quantize",
         "BPETokenizer",
         "render_chat",

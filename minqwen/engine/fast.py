@@ -236,6 +236,35 @@ def decode_layer(x, cos, sin, visible, slot, keys, values, w: LayerWeights, s: S
     return _finish(x, attended.reshape(batch, 1, -1), w, s)
 
 
+def span_layer(x, cos, sin, visible, slots, keys, values, w: LayerWeights, s: Shape):
+    """`decode_layer` for a few new tokens per row at once (speculative decoding's verifying pass): their keys
+    and values go to cache `slots` [n], and token i sees the slots `visible` [batch, 1, n, capacity] allows it.
+    The query heads of a group and the n tokens become rows of their kv head, as in decode."""
+    batch, n, _ = x.shape
+    groups = s.heads // s.kv_heads
+    q, k, v = (t.transpose(1, 2) for t in _project(x, w, s))
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    keys.index_copy_(2, slots, k)
+    values.index_copy_(2, slots, v)
+    rows = q.reshape(batch, s.kv_heads, groups * n, s.head_dim)
+    row_visible = visible.expand(batch, groups, n, -1).reshape(batch, 1, groups * n, -1)
+    attended = matmul_attention(rows, keys, values, row_visible, s.head_dim**-0.5)
+    attended = attended.reshape(batch, s.heads, n, s.head_dim).transpose(1, 2)
+    return _finish(x, attended.reshape(batch, n, -1), w, s)
+
+
+def span_inputs(tokens, start, key_is_real, embedding, inv_freq, rope_scale: float):
+    """Embeddings, RoPE angles, cache slots and visibility of tokens [batch, n] placed from slot `start` [1] on
+    (no left padding: a token's position is its slot)."""
+    n = tokens.shape[1]
+    slots = start + torch.arange(n, device=tokens.device)
+    x = F.embedding(tokens, embedding)
+    cos, sin = rope_cos_sin(inv_freq, slots[None].expand(tokens.shape[0], -1), rope_scale, x.dtype)
+    cache_slots = torch.arange(key_is_real.shape[1], device=tokens.device)
+    visible = key_is_real[:, None, :] & (cache_slots[None, None, :] <= slots[None, :, None])
+    return x, cos, sin, visible[:, None], slots
+
+
 def matmul_attention(q, keys, values, visible, scale: float):
     """q [batch, kv_heads, groups, head_dim] over the cache at the `visible` [batch, 1, 1, capacity] positions, as
     two batched matrix products with the softmax between them in float32.
@@ -255,6 +284,11 @@ def step_inputs(token, position, slot, key_is_real, embedding, inv_freq, rope_sc
     slots = torch.arange(key_is_real.shape[1], device=token.device)
     visible = key_is_real & (slots <= slot)
     return x, cos, sin, visible[:, None, None, :]
+
+
+def span_logits(x, norm_weight, lm_head_weight, eps: float):
+    """float32 logits of every position of the one row of x [1, n, hidden]."""
+    return linear(rms_norm(x[0], norm_weight, eps), lm_head_weight).float()
 
 
 def head_logits(x, norm_weight, lm_head_weight, eps: float):
@@ -318,6 +352,8 @@ class _DecodeState:
         self.graphs: dict[SamplingConfig, torch.cuda.CUDAGraph] = {}
         # Captured prefills, by (padded prompt length, left padding).
         self.prefills: dict[tuple[int, bool], _PrefillGraph] = {}
+        # Captured spans of a few tokens (speculative decoding), by width.
+        self.spans: dict[int, _SpanGraph] = {}
 
     def counters(self) -> tuple[torch.Tensor, ...]:
         """The arguments of `advance` after the logits, in order."""
@@ -390,6 +426,78 @@ class _PrefillGraph:
         self.last.fill_(prompt - 1)
         self.graph.replay()
         return self.logits
+
+
+class _SpanGraph:
+    """A span of `width` tokens at a slot held in a device tensor, every layer and the head, captured as one CUDA
+    graph: speculative decoding's verifying pass, or a draft's step. A shorter span is padded to the width; the
+    padding's keys and values land past the span, where nothing sees them before they are overwritten."""
+
+    def __init__(self, fast: FastQwen2, state: _DecodeState, width: int):
+        self.tokens = torch.zeros(1, width, dtype=torch.long, device=fast.device)
+        self.start = torch.zeros(1, dtype=torch.long, device=fast.device)
+        capacity = state.keys[0].shape[2]
+        # Warm-up and capture write where no prompt is yet: the last slots of the cache.
+        self.graph, self.logits = capture(
+            lambda: fast._span_forward(state, self.tokens, self.start),
+            reset=lambda: self.start.fill_(capacity - width),
+        )
+
+    def run(self, tokens: torch.Tensor, start: int) -> torch.Tensor:
+        self.tokens.zero_()
+        self.tokens[:, : tokens.shape[1]] = tokens
+        self.start.fill_(start)
+        self.graph.replay()
+        return self.logits[: tokens.shape[1]]
+
+
+class CachedSpans:
+    """One prompt's KV cache in a fast engine, fed a few tokens at a time, with the interface speculative decoding
+    drives (`length`, `extend`, `rollback`; see `minqwen.engine.speculative.CachedModel`). The prompt is
+    prefilled in chunks; later spans run as one CUDA graph per width in `widths` (the smallest that fits), kept
+    with the engine. Batch 1, no padding."""
+
+    def __init__(self, fast: FastQwen2, capacity: int, widths: tuple[int, ...]):
+        self.fast, self.widths = fast, sorted(widths)
+        self.state = fast._span_state(capacity)
+        self.state.key_is_real.fill_(True)
+        if fast.use_graphs:
+            for width in self.widths:
+                if width not in self.state.spans:
+                    self.state.spans[width] = _SpanGraph(fast, self.state, width)
+        self.length = 0
+
+    @torch.inference_mode()
+    def extend(self, ids: list[int], *, last_only: bool = False) -> torch.Tensor:
+        """float32 logits [len(ids), vocab], row i predicting the token after ids[i] (the last row alone with
+        `last_only`, which the prompt needs)."""
+        fast, n = self.fast, len(ids)
+        capacity = self.state.keys[0].shape[2]
+        if self.length + n > capacity or (self.length and n > self.widths[-1]):
+            raise ValueError(
+                f"a span of {n} tokens after {self.length} does not fit this cache ({capacity} positions, spans "
+                f"of up to {self.widths[-1]})"
+            )
+        tokens = torch.tensor([ids], dtype=torch.long, device=fast.device)
+        if self.length == 0:
+            if not last_only:
+                raise ValueError("the prompt's prefill gives the logits of its last token only")
+            positions = torch.arange(n, device=fast.device)[None]
+            logits = fast._prefill_chunks(self.state, tokens, positions, None, False)
+        elif fast.use_graphs:
+            width = next(w for w in self.widths if w >= n)
+            logits = self.state.spans[width].run(tokens, self.length)
+        else:
+            start = torch.tensor([self.length], device=fast.device)
+            logits = fast._span_forward(self.state, tokens, start)
+        self.length += n
+        return logits[-1:] if last_only else logits
+
+    def rollback(self, length: int) -> None:
+        """Forget every position from `length` on: the next span overwrites them."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a cache of {self.length} positions to {length}")
+        self.length = length
 
 
 class FastQwen2:
@@ -467,6 +575,7 @@ class FastQwen2:
         self._step_inputs, self._decode_layer = step_inputs, decode_layer
         self._head, self._advance = head_logits, advance
         self._prefill_qkv, self._prefill_finish = prefill_qkv, _finish
+        self._span_inputs, self._span_layer, self._span_head = span_inputs, span_layer, span_logits
         if use_graphs:
             # Coordinate-descent tuning searches each generated kernel's block sizes: it lifted 7B decoding by 12%
             # for about ten seconds more compilation (book/data/bench/NOTES.md).
@@ -475,12 +584,17 @@ class FastQwen2:
                 torch.compile(f, fullgraph=True, options=options)
                 for f in (step_inputs, decode_layer, head_logits, advance)
             )
+            self._span_inputs, self._span_layer, self._span_head = (
+                torch.compile(f, fullgraph=True, options=options)
+                for f in (span_inputs, span_layer, span_logits)
+            )
             # Prefill shapes change with the prompt: the compiler makes the length symbolic once it has seen two.
             # Not fullgraph: a quantized product may run outside the compiled code (minqwen.quant.int8).
             self._prefill_qkv, self._prefill_finish = (
                 torch.compile(f) for f in (prefill_qkv, _finish)
             )
         self._states: OrderedDict[tuple[int, int], _DecodeState] = OrderedDict()
+        self._spans_states: OrderedDict[int, _DecodeState] = OrderedDict()
 
     def capacity_for(self, total: int) -> int:
         """Cache positions for `total` = prompt + new tokens: the next multiple of `bucket`, within the limit."""
@@ -557,6 +671,25 @@ class FastQwen2:
             self._states.popitem(last=False)  # its cache and graphs are freed with it
         self._states[key] = _DecodeState(self, batch, capacity)
         return self._states[key]
+
+    def _span_state(self, capacity: int) -> _DecodeState:
+        """The cache `CachedSpans` drives, kept apart from generate's, with its captured spans."""
+        if capacity in self._spans_states:
+            self._spans_states.move_to_end(capacity)
+        else:
+            if len(self._spans_states) >= MAX_STATES:
+                self._spans_states.popitem(last=False)
+            self._spans_states[capacity] = _DecodeState(self, 1, capacity)
+        return self._spans_states[capacity]
+
+    def _span_forward(self, state: _DecodeState, tokens, start) -> torch.Tensor:
+        """float32 logits [n, vocab] of tokens [1, n] placed at slot `start` [1] on, their keys and values cached."""
+        x, cos, sin, visible, slots = self._span_inputs(
+            tokens, start, state.key_is_real, self.embedding, self.inv_freq, self.rope_scale
+        )
+        for w, keys, values in zip(self.layers, state.keys, state.values):
+            x = self._span_layer(x, cos, sin, visible, slots, keys, values, w, self.shape)
+        return self._span_head(x, self.norm_weight, self.lm_head_weight, self.shape.eps)
 
     def _capture(self, state: _DecodeState, sampling: SamplingConfig) -> torch.cuda.CUDAGraph:
         # The warm-up runs write garbage into the state, which the next prefill resets. Each starts at slot 0: a

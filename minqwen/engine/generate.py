@@ -75,7 +75,7 @@ def decode(
                 cache=cache,
                 logits_to_keep=1,
             )[:, -1].float()
-            _check_finite(logits, step)
+            check_finite(logits, step)
             scores = process_logits(logits, sequence, sampling, ignore_before)
             next_tokens = select_next_token(scores, sampling)
         if eos_ids:
@@ -96,7 +96,7 @@ def decode(
             step_ids, step_positions = sequence, positions
 
 
-def _check_finite(logits: torch.Tensor, step: int) -> None:
+def check_finite(logits: torch.Tensor, step: int) -> None:
     finite = torch.isfinite(logits).all(dim=-1)
     if not finite.all():
         row = int((~finite).nonzero()[0])

@@ -2,7 +2,8 @@
 
 Both caches keep per-layer tensors shaped [batch, kv_heads, seq, head_dim], like transformers' own cache, and
 share one interface: `update(layer, k, v)` stores the new positions and returns everything stored so far for
-that layer; `length` counts the positions already stored, and the model advances it after the last layer.
+that layer; `length` counts the positions already stored, and the model advances it after the last layer;
+`crop(length)` forgets every position from `length` on, as speculative decoding does with rejected drafts.
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ class DynamicKVCache:
     @property
     def capacity(self) -> float:
         return float("inf")
+
+    def crop(self, length: int) -> None:
+        _check_crop(length, self.length)
+        self.keys = [None if k is None else k[:, :, :length] for k in self.keys]
+        self.values = [None if v is None else v[:, :, :length] for v in self.values]
+        self.length = length
 
 
 class StaticKVCache:
@@ -60,6 +67,11 @@ class StaticKVCache:
     def capacity(self) -> int:
         return self.keys.shape[3]
 
+    def crop(self, length: int) -> None:
+        """The positions past `length` stay in memory and are overwritten by the next update."""
+        _check_crop(length, self.length)
+        self.length = length
+
     def update(
         self, layer: int, k: torch.Tensor, v: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,3 +83,8 @@ class StaticKVCache:
         self.keys[layer, :, :, self.length : end] = k
         self.values[layer, :, :, self.length : end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+
+def _check_crop(length: int, stored: int) -> None:
+    if not 0 <= length <= stored:
+        raise ValueError(f"cannot crop a cache of {stored} positions to {length}")
