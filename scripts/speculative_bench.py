@@ -174,6 +174,7 @@ def main() -> None:
                 if drafter == "draft-0.5B"
                 else None,
                 lookup=drafters[drafter] if drafter == "prompt-lookup" else None,
+                eos_ids=target.config.eos_token_ids,
             )
             stats = decoder.stats
             runs.append(
@@ -204,6 +205,7 @@ def main() -> None:
                         k,
                         hits=hits if drafter == "draft-0.5B" else None,
                         lookup=drafters[drafter] if drafter == "prompt-lookup" else None,
+                        eos_ids=target.config.eos_token_ids,
                     )
                 )
                 for k in DRAFT_LENGTHS

@@ -182,11 +182,24 @@ def test_replayed_rounds_equal_the_real_ones(tiny_instruct_ours, tiny_draft):
                 )
                 tokens = out[0].tolist()
                 if isinstance(draft, PromptLookup):
-                    replayed = replay_rounds(tokens, len(prompt), 50, k, lookup=draft)
+                    replayed = replay_rounds(
+                        tokens, len(prompt), 50, k, lookup=draft, eos_ids=(7, 2)
+                    )
                 else:
                     hits = draft_hits(draft, tokens, len(prompt), sampling)
                     replayed = replay_rounds(tokens, len(prompt), 50, k, hits=hits)
                 assert (replayed.rounds, replayed.accepted) == (stats.rounds, stats.accepted)
+
+
+def test_drafts_stop_at_an_end_token():
+    assert speculative.until_end([5, 7, 9, 2, 4], eos_ids=(2, 7)) == [5, 7]
+    assert speculative.until_end([5, 9], eos_ids=(2,)) == [5, 9]
+
+
+def test_residual_of_equal_distributions_is_finite():
+    """Rounding can leave no excess of p over q; the redraw then falls back to p instead of NaN."""
+    p = torch.tensor([0.5, 0.5])
+    assert torch.equal(speculative.residual(p, p), p)
 
 
 def test_prompt_lookup_proposes_what_followed():
@@ -230,7 +243,10 @@ def test_the_embedded_model_with_a_quantized_draft(embedded_ours):
         (dict(num_draft_tokens=0), "num_draft_tokens must be >= 1, got 0"),
         (dict(num_draft_tokens=2.5), "num_draft_tokens must be an int >= 1, got 2.5"),
         (dict(num_draft_tokens=True), "num_draft_tokens must be an int >= 1, got True"),
-        (dict(draft="lookup"), "draft must be a minqwen Qwen2, a FastQwen2 or 'prompt-lookup', got 'lookup'"),
+        (
+            dict(draft="lookup"),
+            "draft must be a minqwen Qwen2, a FastQwen2 or 'prompt-lookup', got 'lookup'",
+        ),
         (dict(draft=PromptLookup(max_ngram=1, min_ngram=2)), "1 <= min_ngram <= max_ngram"),
         (dict(target="model"), "the target must be a minqwen Qwen2 or FastQwen2, got str"),
     ],

@@ -244,9 +244,11 @@ def tokens_per_round(records: list[dict], drafter: str, k: int) -> float:
     return float(np.mean([(r["new_tokens"] - 1) / r["rounds"] for r in replays]))
 
 
-def project(prompts, gpu_costs, target: str, k: int) -> pd.DataFrame:
-    """The cost model's H200 speedup for `target`, with the acceptance measured against the 1.5B."""
+def project(prompts, gpu_costs, target: str, k: int, host_ms=(1.0, 3.0)) -> pd.DataFrame:
+    """The cost model's H200 speedup for `target`, with the acceptance measured against the 1.5B, without and
+    with `host_ms` of host work per round."""
     series = h200_series(gpu_costs, target)
+    step = gpu_costs[target]["fast_step_ms"]
     rows = []
     for category in ("edit", "code", "chat"):
         records = [r for r in prompts if r["category"] == category]
@@ -262,6 +264,9 @@ def project(prompts, gpu_costs, target: str, k: int) -> pd.DataFrame:
                     "tokens per round": round(tokens, 2),
                     "round cost, target steps": round(cost, 2),
                     f"projected speedup, {target}": round(tokens / cost, 2),
+                    "with host work": "{:.2f} to {:.2f}".format(
+                        *(tokens / (cost + ms / step) for ms in reversed(host_ms))
+                    ),
                 }
             )
     return pd.DataFrame(rows)

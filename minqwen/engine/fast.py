@@ -484,14 +484,19 @@ class CachedSpans:
                 raise ValueError("the prompt's prefill gives the logits of its last token only")
             positions = torch.arange(n, device=fast.device)[None]
             logits = fast._prefill_chunks(self.state, tokens, positions, None, False)
-        elif fast.use_graphs:
-            width = next(w for w in self.widths if w >= n)
+        elif fast.use_graphs and (width := self._graph_width(n, capacity)):
             logits = self.state.spans[width].run(tokens, self.length)
         else:
             start = torch.tensor([self.length], device=fast.device)
             logits = fast._span_forward(self.state, tokens, start)
         self.length += n
         return logits[-1:] if last_only else logits
+
+    def _graph_width(self, n: int, capacity: int) -> int | None:
+        """The narrowest captured span that holds n tokens and, padding included, fits the cache (at its very
+        end none may: that span runs without a graph)."""
+        fits = (w for w in self.widths if n <= w and self.length + w <= capacity)
+        return next(fits, None)
 
     def rollback(self, length: int) -> None:
         """Forget every position from `length` on: the next span overwrites them."""

@@ -287,13 +287,21 @@ def _probabilities(logits: torch.Tensor, previous: list[int], sampling: Sampling
     return process_logits(logits[None], history, sampling).softmax(dim=-1)[0]
 
 
+def until_end(drafts: list[int], eos_ids) -> list[int]:
+    """The drafts up to and including the first end token: nothing after it is ever emitted."""
+    end = next((i for i, token in enumerate(drafts) if token in eos_ids), None)
+    return drafts if end is None else drafts[: end + 1]
+
+
 def _draft(drafter, sequence: list[int], count: int, sampling: SamplingConfig, eos_ids=()):
     """Up to `count` drafted tokens, and for a model drafter the distributions q they were drawn from (None
     for a copy, whose q is a point mass)."""
     if count == 0:
         return [], None
     if isinstance(drafter, PromptLookup):
-        return drafter.propose(sequence, count), None
+        return until_end(drafter.propose(sequence, count), eos_ids), None
+    # The drafter's cache is valid up to where its own earlier drafts and the text part; the text's last token
+    # or two (the target's correction, or the last draft and the bonus token) are fed again.
     drafter.rollback(min(drafter.length, len(sequence) - 1))
     logits = drafter.extend(sequence[drafter.length :], last_only=True)[0]
     drafts, q = [], []
@@ -342,4 +350,6 @@ def accept_or_resample(p: torch.Tensor, q: torch.Tensor, token: int) -> int | No
 def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """max(p - q, 0), normalized: where the target wants more than the draft offered."""
     excess = (p - q).clamp_min(0)
-    return excess / excess.sum()
+    total = excess.sum()
+    # p and q each sum to 1, so a rejection leaves some excess; rounding can leave none when they are equal.
+    return excess / total if total > 0 else p

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from minqwen.engine.sampling import SamplingConfig, process_logits
-from minqwen.engine.speculative import SpeculativeStats
+from minqwen.engine.speculative import SpeculativeStats, until_end
 
 
 @torch.inference_mode()
@@ -31,16 +31,24 @@ def draft_hits(draft, tokens: list[int], prompt: int, sampling: SamplingConfig) 
 
 
 def replay_rounds(
-    tokens: list[int], prompt: int, max_new_tokens: int, k: int, *, hits=None, lookup=None
+    tokens: list[int],
+    prompt: int,
+    max_new_tokens: int,
+    k: int,
+    *,
+    hits=None,
+    lookup=None,
+    eos_ids=(),
 ) -> SpeculativeStats:
     """The rounds `SpeculativeDecoder` runs to make `tokens[prompt:]` with drafts of up to `k`: from a model
-    drafter's `hits` (`draft_hits`), or by replaying a `PromptLookup`."""
+    drafter's `hits` (`draft_hits`), or by replaying a `PromptLookup` whose drafts stop at `eos_ids`."""
     new = len(tokens) - prompt
     position, rounds, drafted, accepted = 1, 0, 0, 0  # the first new token comes from the prefill
     while position < new:
         room = min(k, max_new_tokens - position - 1)
         if lookup is not None:
             proposal = lookup.propose(tokens[: prompt + position], room) if room else []
+            proposal = until_end(proposal, eos_ids)
             actual = tokens[prompt + position : prompt + position + len(proposal)]
             matched = [a == b for a, b in zip(proposal, actual)]
             count = len(proposal)

@@ -17,8 +17,10 @@
 # A decode step reads every weight of the model to make one token. Fed five tokens instead of one, the same pass
 # reads the same weights and scores five positions. Speculative decoding spends that spare capacity: something
 # cheap guesses the next few tokens, and the model checks all the guesses in one pass, keeping those it would
-# have chosen itself. Can that change the output? This page builds it and shows that it cannot: greedy tokens
-# come out identical, and sampled tokens come out with exactly the model's distribution.
+# have chosen itself. Can that change the output? This page builds it and shows that it does not: greedy tokens
+# come out identical, and sampled tokens come out with exactly the model's distribution (in exact arithmetic;
+# in 16-bit floats a pass over several tokens rounds differently from one over a single token, and a near-tie can
+# fall the other way).
 #
 # ```{admonition} In this page
 # :class: tip
@@ -79,6 +81,16 @@ print(stamp())
 show_source(SpeculativeDecoder._tokens)
 
 # %% [markdown]
+# The two halves of a round are short. `_draft` asks the drafter for up to $k$ tokens; a model drafter first
+# crops its own cache to what still agrees with the text, then feeds the one or two tokens it has not seen.
+# `_verify` walks the drafts against the target's logits and returns how many stand and the token that follows
+# them; the sampling rule it applies is derived below.
+
+# %%
+show_source(speculative._draft)
+show_source(speculative._verify)
+
+# %% [markdown]
 # ## Rolling back the cache
 #
 # The verifying pass wrote keys and values for all $k+1$ positions. After it, only the kept drafts may stay:
@@ -115,8 +127,9 @@ print("the logits after the rollback equal those of the straight run, to within 
 # given the tokens before it, which is the definition of its greedy output, whatever the drafter guessed.
 #
 # Two drafters run here. A quantized copy of the embedded model (int8 weights, {doc}`../ch6/02_int8_weights`)
-# stands in for a small model of the same family, and prompt lookup, which is below. The prompt asks for a rename
-# across a function from Python's own `textwrap`, so the answer will repeat the prompt:
+# stands in for a small model of the same family; being nearly the same model, it is here to show correctness,
+# not speed. The other is prompt lookup, which is below. The prompt asks for a rename across a function from
+# Python's own `textwrap`, so the answer will repeat the prompt:
 
 # %%
 source = inspect.getsource(textwrap.dedent)
@@ -136,7 +149,8 @@ for name, draft in (("int8 copy", int8_draft), ("prompt lookup", "prompt-lookup"
         model, draft, ids, 48, num_draft_tokens=4, do_sample=False, return_stats=True
     )
     assert torch.equal(tokens, alone)
-print(tokenizer.decode(alone[0, ids.shape[1] :].tolist()))
+answer = tokenizer.decode(alone[0, ids.shape[1] :].tolist())
+print("\n".join(textwrap.fill(line, 88) for line in answer.splitlines()))
 
 # %% tags=["hide-input"]
 figures.stats_table(runs)
