@@ -47,6 +47,7 @@ from minqwen.engine.sampling import (
     seen_tokens,
     select_next_token,
 )
+from minqwen.model.cache import check_crop
 from minqwen.model.layers import rms_norm
 from minqwen.model.qwen2 import Qwen2
 from minqwen.model.rope import apply_rope, rope_cos_sin
@@ -500,8 +501,7 @@ class CachedSpans:
 
     def rollback(self, length: int) -> None:
         """Forget every position from `length` on: the next span overwrites them."""
-        if not 0 <= length <= self.length:
-            raise ValueError(f"cannot crop a cache of {self.length} positions to {length}")
+        check_crop(length, self.length)
         self.length = length
 
 
@@ -668,24 +668,13 @@ class FastQwen2:
         return state
 
     def _state_for(self, batch: int, capacity: int) -> _DecodeState:
-        key = (batch, capacity)
-        if key in self._states:
-            self._states.move_to_end(key)
-            return self._states[key]
-        while len(self._states) >= MAX_STATES:
-            self._states.popitem(last=False)  # its cache and graphs are freed with it
-        self._states[key] = _DecodeState(self, batch, capacity)
-        return self._states[key]
+        return _most_recent(
+            self._states, (batch, capacity), lambda: _DecodeState(self, batch, capacity)
+        )
 
     def _span_state(self, capacity: int) -> _DecodeState:
         """The cache `CachedSpans` drives, kept apart from generate's, with its captured spans."""
-        if capacity in self._spans_states:
-            self._spans_states.move_to_end(capacity)
-        else:
-            if len(self._spans_states) >= MAX_STATES:
-                self._spans_states.popitem(last=False)
-            self._spans_states[capacity] = _DecodeState(self, 1, capacity)
-        return self._spans_states[capacity]
+        return _most_recent(self._spans_states, capacity, lambda: _DecodeState(self, 1, capacity))
 
     def _span_forward(self, state: _DecodeState, tokens, start) -> torch.Tensor:
         """float32 logits [n, vocab] of tokens [1, n] placed at slot `start` [1] on, their keys and values cached."""
@@ -821,6 +810,18 @@ class FastQwen2:
                 f"are broken (a corrupt checkpoint, or float16 overflow); check the weights with "
                 f"`python -m minqwen fetch` and run in float32 or bfloat16"
             )
+
+
+def _most_recent(states: OrderedDict, key, make) -> _DecodeState:
+    """`states[key]`, made on first use, marked as the most recently used; past `MAX_STATES` the least recently
+    used goes, its cache and graphs with it."""
+    if key in states:
+        states.move_to_end(key)
+        return states[key]
+    while len(states) >= MAX_STATES:
+        states.popitem(last=False)
+    states[key] = make()
+    return states[key]
 
 
 def _all_finished_at(new_tokens: torch.Tensor, eos_ids) -> int | None:

@@ -351,5 +351,5 @@ def residual(p: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     """max(p - q, 0), normalized: where the target wants more than the draft offered."""
     excess = (p - q).clamp_min(0)
     total = excess.sum()
-    # p and q each sum to 1, so a rejection leaves some excess; rounding can leave none when they are equal.
+    # A rejection means some excess is left; rounding can leave none when p equals q.
     return excess / total if total > 0 else p

@@ -33,7 +33,7 @@ class DynamicKVCache:
         return float("inf")
 
     def crop(self, length: int) -> None:
-        _check_crop(length, self.length)
+        check_crop(length, self.length)
         self.keys = [None if k is None else k[:, :, :length] for k in self.keys]
         self.values = [None if v is None else v[:, :, :length] for v in self.values]
         self.length = length
@@ -69,7 +69,7 @@ class StaticKVCache:
 
     def crop(self, length: int) -> None:
         """The positions past `length` stay in memory and are overwritten by the next update."""
-        _check_crop(length, self.length)
+        check_crop(length, self.length)
         self.length = length
 
     def update(
@@ -85,6 +85,7 @@ class StaticKVCache:
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
 
-def _check_crop(length: int, stored: int) -> None:
+def check_crop(length: int, stored: int) -> None:
+    """A cache of `stored` positions can keep its first 0 to `stored` of them."""
     if not 0 <= length <= stored:
         raise ValueError(f"cannot crop a cache of {stored} positions to {length}")
