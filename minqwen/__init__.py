@@ -1,8 +1,8 @@
 """minqwen: Qwen2.5 inference from scratch, the code the book builds chapter by chapter.
 
 `minqwen.model` holds the model, `minqwen.engine` drives it, `minqwen.tokenizer` and `minqwen.weights` bring text
-and checkpoints in, `minqwen.quant` reads quantized files and quantizes weights, and `minqwen.tools` measures and
-checks. The names below are the public API. They load on first use, so that `import minqwen`, and with it the
+and checkpoints in, `minqwen.quant` reads quantized files and quantizes weights, `minqwen.parallel` splits a model
+across processes, and `minqwen.tools` measures and checks. The names below are the public API. They load on first use, so that `import minqwen`, and with it the
 command line, starts without importing torch: a Ctrl-C or a bad argument is then answered before any heavy
 import.
 """
@@ -32,7 +32,7 @@ _PUBLIC = {
     "fetch": "minqwen.weights",
     "FetchError": "minqwen.weights",
 }
-_SUBPACKAGES = ("model", "engine", "quant", "tools", "tokenizer", "weights")
+_SUBPACKAGES = ("model", "engine", "quant", "parallel", "tools", "tokenizer", "weights")
 __all__ = sorted(_PUBLIC)
 
 

@@ -113,6 +113,7 @@ class Session:
         if args.group_size is not None and args.quantize != "int4":
             raise ValueError("--group-size goes with --quantize int4; add it, or drop --group-size")
         _check_draft(args)
+        _check_tensor_parallel(args)
         self.settings = _settings(args)
         from minqwen.tools.hardware import check_device
 
@@ -120,13 +121,21 @@ class Session:
         engine = args.engine or ("fast" if device.type == "cuda" and not args.draft else "eager")
         import torch
 
+        from minqwen.parallel import launch
+
+        self.tp = None
+        if args.tp is not None:
+            self.tp, device = launch.join(args.tp, device.type)
+
         from minqwen.engine.fast import FastQwen2
         from minqwen.engine.sampling import SamplingConfig
         from minqwen.model.qwen2 import Qwen2
         from minqwen.tokenizer import BPETokenizer
         from minqwen.weights import fetch
 
-        folder = fetch(args.model, trust=True)  # a folder without a manifest loads with a warning
+        # A folder without a manifest loads with a warning. Rank 0 fetches first, so ranks never race to unpack.
+        on_rank_0 = fetch(args.model, trust=True) if self.rank == 0 else None
+        folder = launch.broadcast(on_rank_0, self.tp)
         self.tokenizer = BPETokenizer.from_file(folder)
         model = Qwen2.from_pretrained(
             folder,
@@ -134,6 +143,7 @@ class Session:
             device=device,
             quantize=args.quantize,
             group_size=args.group_size,
+            tensor_parallel=self.tp,
         )
         SamplingConfig.resolve(model.config.sampling_defaults, **self.settings)
         self.engine = FastQwen2(model) if engine == "fast" else model
@@ -147,6 +157,22 @@ class Session:
                 )
             self.engine = SpeculativeDecoder(model, draft, num_draft_tokens=args.num_draft_tokens)
         self.max_new_tokens, self.stop, self.stats = args.max_new_tokens, args.stop, args.stats
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.tp is None else self.tp.rank
+
+    def read_line(self) -> bytes:
+        """The next line of stdin, read by rank 0 and handed to every rank."""
+        from minqwen.parallel.launch import broadcast
+
+        return broadcast(sys.stdin.buffer.readline() if self.rank == 0 else None, self.tp)
+
+    def close(self) -> None:
+        from minqwen.parallel.launch import leave
+
+        self.engine = None  # its CUDA graphs hold the collectives' communicator, which `leave` ends
+        leave()
 
     def encode(self, messages: list[dict] | str) -> list[int]:
         """Chat messages through the ChatML template, or raw text as it is."""
@@ -162,7 +188,11 @@ class Session:
     def reply(self, ids: list[int], seed: int | None) -> str:
         """Stream the continuation of `ids` to stdout and return its text."""
         from minqwen.engine.streaming import stream
+        from minqwen.parallel.launch import broadcast
 
+        if self.tp is not None and seed is None:
+            # Unseeded sampling, but every rank must draw the same tokens: rank 0 picks the seed for all.
+            seed = broadcast(int.from_bytes(os.urandom(4)), self.tp)
         started = time.perf_counter()
         pieces = stream(
             self.engine,
@@ -227,6 +257,22 @@ def _check_draft(args) -> None:
         )
 
 
+def _check_tensor_parallel(args) -> None:
+    """--tp, before anything loads: the value, the launch, and what it does not combine with yet."""
+    if args.tp is None:
+        return
+    if args.tp < 1:
+        raise ValueError(f"--tp must be at least 1, got {args.tp}")
+    for flag, value in (("--quantize", args.quantize), ("--draft", args.draft)):
+        if value:
+            raise ValueError(
+                f"{flag} does not combine with --tp yet (chapter 8); drop one of the two"
+            )
+    from minqwen.parallel.launch import check_launch
+
+    check_launch(args.tp, "cuda" if args.device.startswith("cuda") else "cpu")
+
+
 def _messages(system: str | None) -> list[dict]:
     return [{"role": "system", "content": system}] if system is not None else []
 
@@ -256,6 +302,7 @@ def _generate(args) -> int:
     user = [{"role": "user", "content": prompt}]
     ids = session.encode(prompt if args.raw else _messages(args.system) + user)
     session.reply(ids, args.seed)
+    session.close()
     return 0
 
 
@@ -263,6 +310,13 @@ def _chat(args) -> int:
     """One message a line. A bad line or a failed reply prints one error line; the conversation goes on."""
     messages = _load_conversation(args.load) if args.load else _messages(args.system)
     session = Session(args)
+    try:
+        return _converse(session, messages, args)
+    finally:
+        session.close()
+
+
+def _converse(session: Session, messages: list[dict], args) -> int:
     interactive = sys.stdin.isatty()
     if interactive:
         print(
@@ -274,7 +328,7 @@ def _chat(args) -> int:
         if interactive:
             sys.stderr.write("> ")
             sys.stderr.flush()
-        raw = sys.stdin.buffer.readline()
+        raw = session.read_line()
         if not raw:
             return 0
         try:
@@ -389,6 +443,12 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
         help=f"tokens drafted per round (default {DEFAULT_DRAFT_TOKENS}); needs --draft",
     )
     p.add_argument(
+        "--tp",
+        type=int,
+        help="tensor parallelism (chapter 8): split the model across the N processes that "
+        "`torchrun --nproc-per-node N -m minqwen ...` starts, one per GPU (or CPU processes on gloo)",
+    )
+    p.add_argument(
         "--greedy", action="store_true", help="always pick the most likely token (no sampling)"
     )
     p.add_argument("--temperature", type=float, help="default: the checkpoint's generation_config")
@@ -461,6 +521,9 @@ def main(argv: list[str] | None = None) -> int:
         from minqwen.weights import FetchError
 
         args = build_parser().parse_args(argv)
+        if getattr(args, "tp", None) and os.environ.get("RANK", "0") != "0":
+            # Every rank runs the model, rank 0 alone speaks: the others' output would repeat it.
+            sys.stdout = sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - for the process's life
         try:
             return args.run(args)
         except (FetchError, ConfigError, NumericalError, ValueError, OSError) as error:

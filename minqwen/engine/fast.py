@@ -39,7 +39,12 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 from minqwen.engine import decode_attention
-from minqwen.engine.request import GenerationRequest, NumericalError, prepare
+from minqwen.engine.request import (
+    GenerationRequest,
+    NumericalError,
+    check_shared_draws,
+    prepare,
+)
 from minqwen.engine.sampling import (
     SamplingConfig,
     process_logits,
@@ -51,6 +56,7 @@ from minqwen.model.cache import check_crop
 from minqwen.model.layers import rms_norm
 from minqwen.model.qwen2 import Qwen2
 from minqwen.model.rope import apply_rope, rope_cos_sin
+from minqwen.parallel.collectives import TensorParallel, all_reduce, embed, gather_last_dim
 from minqwen.quant.weight_only import fused_weight, weight_of
 
 # Reading the finished flags back is a host sync, so it happens this often, not every token.
@@ -74,11 +80,12 @@ class LayerWeights(NamedTuple):
 
 
 class Shape(NamedTuple):
-    heads: int
+    heads: int  # of this rank, under tensor parallelism
     kv_heads: int
     head_dim: int
     eps: float
     split_attention: bool = False  # decode attention by minqwen.engine.decode_attention's kernel
+    tp: TensorParallel | None = None  # this rank's place in a tensor-parallel model (chapter 8)
 
 
 def fuse_layer(layer) -> LayerWeights:
@@ -135,10 +142,11 @@ def _project(x, w: LayerWeights, s: Shape):
 
 
 def _finish(x, attended, w: LayerWeights, s: Shape):
-    """Output projection and residual, then the SwiGLU MLP and residual."""
-    x = x + linear(attended, w.o_weight)
+    """Output projection and residual, then the SwiGLU MLP and residual. Under tensor parallelism each
+    projection's product is this rank's partial sum, and the all-reduce completes it."""
+    x = x + all_reduce(linear(attended, w.o_weight), s.tp)
     gate, up = linear(rms_norm(x, w.post_norm, s.eps), w.gate_up_weight).chunk(2, dim=-1)
-    return x + linear(F.silu(gate) * up, w.down_weight)
+    return x + all_reduce(linear(F.silu(gate) * up, w.down_weight), s.tp)
 
 
 def prefill_qkv(x, cos, sin, w: LayerWeights, s: Shape):
@@ -254,12 +262,12 @@ def span_layer(x, cos, sin, visible, slots, keys, values, w: LayerWeights, s: Sh
     return _finish(x, attended.reshape(batch, n, -1), w, s)
 
 
-def span_inputs(tokens, start, key_is_real, embedding, inv_freq, rope_scale: float):
+def span_inputs(tokens, start, key_is_real, embedding, inv_freq, rope_scale: float, tp=None):
     """Embeddings, RoPE angles, cache slots and visibility of tokens [batch, n] placed from slot `start` [1] on
     (no left padding: a token's position is its slot)."""
     n = tokens.shape[1]
     slots = start + torch.arange(n, device=tokens.device)
-    x = F.embedding(tokens, embedding)
+    x = embed(tokens, embedding, tp)
     cos, sin = rope_cos_sin(inv_freq, slots[None].expand(tokens.shape[0], -1), rope_scale, x.dtype)
     cache_slots = torch.arange(key_is_real.shape[1], device=tokens.device)
     visible = key_is_real[:, None, :] & (cache_slots[None, None, :] <= slots[None, :, None])
@@ -278,23 +286,28 @@ def matmul_attention(q, keys, values, visible, scale: float):
     return torch.matmul(probs, values)
 
 
-def step_inputs(token, position, slot, key_is_real, embedding, inv_freq, rope_scale: float):
+def step_inputs(
+    token, position, slot, key_is_real, embedding, inv_freq, rope_scale: float, tp=None
+):
     """The new tokens' embeddings, their RoPE angles and which cache slots each row may attend to."""
-    x = F.embedding(token[:, None], embedding)
+    x = embed(token[:, None], embedding, tp)
     cos, sin = rope_cos_sin(inv_freq, position[:, None], rope_scale, x.dtype)
     slots = torch.arange(key_is_real.shape[1], device=token.device)
     visible = key_is_real & (slots <= slot)
     return x, cos, sin, visible[:, None, None, :]
 
 
-def span_logits(x, norm_weight, lm_head_weight, eps: float):
+def span_logits(x, norm_weight, lm_head_weight, s: Shape):
     """float32 logits of every position of the one row of x [1, n, hidden]."""
-    return linear(rms_norm(x[0], norm_weight, eps), lm_head_weight).float()
+    return gather_last_dim(linear(rms_norm(x[0], norm_weight, s.eps), lm_head_weight), s.tp).float()
 
 
-def head_logits(x, norm_weight, lm_head_weight, eps: float):
-    """float32 logits of the last position, like the eager loop's."""
-    return linear(rms_norm(x[:, -1], norm_weight, eps), lm_head_weight).float()
+def head_logits(x, norm_weight, lm_head_weight, s: Shape):
+    """float32 logits of the last position, like the eager loop's; under tensor parallelism each rank's
+    slice of the vocabulary, gathered."""
+    return gather_last_dim(
+        linear(rms_norm(x[:, -1], norm_weight, s.eps), lm_head_weight), s.tp
+    ).float()
 
 
 def advance(
@@ -336,7 +349,7 @@ class _DecodeState:
         def zeros(*shape, dtype=torch.long):
             return torch.zeros(shape, dtype=dtype, device=device)
 
-        cache_shape = (batch, c.num_key_value_heads, capacity, c.head_dim)
+        cache_shape = (batch, fast.shape.kv_heads, capacity, c.head_dim)
         self.keys = [zeros(*cache_shape, dtype=fast.dtype) for _ in range(c.num_hidden_layers)]
         self.values = [zeros(*cache_shape, dtype=fast.dtype) for _ in range(c.num_hidden_layers)]
         self.token = zeros(batch)  # the token this step feeds in
@@ -410,7 +423,7 @@ class _PrefillGraph:
         def forward():
             x = fast._prefill_span(state, self.ids, self.positions, self.attention_mask, 0)
             last = x.index_select(1, self.last)
-            return head_logits(last, fast.norm_weight, fast.lm_head_weight, fast.shape.eps)
+            return head_logits(last, fast.norm_weight, fast.lm_head_weight, fast.shape)
 
         self.graph, self.logits = capture(forward)
 
@@ -567,12 +580,14 @@ class FastQwen2:
         self.use_graphs, self.bucket, self.prefill_chunk = use_graphs, bucket, prefill_chunk
         with torch.no_grad():
             self.layers = [fuse_layer(layer) for layer in model.layers]
+        attention = model.layers[0].self_attn
         self.shape = Shape(
-            c.num_attention_heads,
-            c.num_key_value_heads,
+            attention.heads,
+            attention.kv_heads,
             c.head_dim,
             c.rms_norm_eps,
             bool(split_attention),
+            model.tensor_parallel,
         )
         self.norm_weight, self.lm_head_weight = model.norm.weight, weight_of(model.lm_head)
         self.inv_freq, self.rope_scale = model.inv_freq, model.rope_scale
@@ -658,6 +673,7 @@ class FastQwen2:
 
     def _start(self, request: GenerationRequest) -> _DecodeState:
         """The state for this request's shape, its graph captured, the prompt prefilled and the first token made."""
+        check_shared_draws(self.shape.tp, request)
         batch, prompt = request.input_ids.shape
         state = self._state_for(batch, self.capacity_for(prompt + request.max_new_tokens))
         if self.use_graphs and request.sampling not in state.graphs:
@@ -679,11 +695,17 @@ class FastQwen2:
     def _span_forward(self, state: _DecodeState, tokens, start) -> torch.Tensor:
         """float32 logits [n, vocab] of tokens [1, n] placed at slot `start` [1] on, their keys and values cached."""
         x, cos, sin, visible, slots = self._span_inputs(
-            tokens, start, state.key_is_real, self.embedding, self.inv_freq, self.rope_scale
+            tokens,
+            start,
+            state.key_is_real,
+            self.embedding,
+            self.inv_freq,
+            self.rope_scale,
+            self.shape.tp,
         )
         for w, keys, values in zip(self.layers, state.keys, state.values):
             x = self._span_layer(x, cos, sin, visible, slots, keys, values, w, self.shape)
-        return self._span_head(x, self.norm_weight, self.lm_head_weight, self.shape.eps)
+        return self._span_head(x, self.norm_weight, self.lm_head_weight, self.shape)
 
     def _capture(self, state: _DecodeState, sampling: SamplingConfig) -> torch.cuda.CUDAGraph:
         # The warm-up runs write garbage into the state, which the next prefill resets. Each starts at slot 0: a
@@ -710,10 +732,11 @@ class FastQwen2:
             self.embedding,
             self.inv_freq,
             self.rope_scale,
+            self.shape.tp,
         )
         for w, keys, values in zip(self.layers, state.keys, state.values):
             x = self._decode_layer(x, cos, sin, visible, state.slot, keys, values, w, self.shape)
-        logits = self._head(x, self.norm_weight, self.lm_head_weight, self.shape.eps)
+        logits = self._head(x, self.norm_weight, self.lm_head_weight, self.shape)
         self._advance(self._choose(logits, state, sampling), logits, *state.counters())
 
     def _choose(self, logits, state: _DecodeState, sampling: SamplingConfig) -> torch.Tensor:
@@ -773,13 +796,13 @@ class FastQwen2:
             x = self._prefill_span(
                 state, input_ids[:, start:end], positions[:, start:end], mask, start
             )
-        return head_logits(x, self.norm_weight, self.lm_head_weight, self.shape.eps)
+        return head_logits(x, self.norm_weight, self.lm_head_weight, self.shape)
 
     def _prefill_span(self, state, ids, positions, attention_mask, start: int):
         """Prompt tokens [start, start + seq) through every layer, their keys and values into the
         cache; `attention_mask` [batch, start + seq] marks left padding, or is None for none (then
         attention is causal, with no mask built)."""
-        x = F.embedding(ids, self.embedding)
+        x = embed(ids, self.embedding, self.shape.tp)
         cos, sin = rope_cos_sin(self.inv_freq, positions, self.rope_scale, x.dtype)
         mask = None
         if attention_mask is not None:

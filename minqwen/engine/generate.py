@@ -17,7 +17,12 @@ from collections.abc import Iterator
 
 import torch
 
-from minqwen.engine.request import GenerationRequest, NumericalError, prepare
+from minqwen.engine.request import (
+    GenerationRequest,
+    NumericalError,
+    check_shared_draws,
+    prepare,
+)
 from minqwen.engine.sampling import process_logits, select_next_token
 
 
@@ -32,6 +37,7 @@ def generate_tokens(
     forward pass. Rows that have finished emit the pad id until every row is done, then the iterator stops.
     """
     request = prepare(model.config, input_ids, max_new_tokens, **settings)
+    check_shared_draws(getattr(model, "tensor_parallel", None), request)
     return decode(model, request, use_cache=use_cache)
 
 

@@ -171,3 +171,13 @@ def _token_ids(ids, name: str, config: ModelConfig) -> tuple[int, ...]:
             raise ValueError(f"{name} must be token ids in 0..{config.vocab_size - 1}, got {i!r}")
         checked.append(int(i))
     return tuple(checked)
+
+
+def check_shared_draws(tensor_parallel, request: GenerationRequest) -> None:
+    """Every rank of a tensor-parallel model (chapter 8) must pick the same token, or their caches part: sampling
+    needs a seed, the same on every rank, so that each draws what the others draw."""
+    if tensor_parallel is not None and not request.sampling.greedy and request.seed is None:
+        raise ValueError(
+            "sampling on a model split across processes needs a seed, the same on every rank, so that every "
+            "rank draws the same token: pass seed=, or sample greedily"
+        )

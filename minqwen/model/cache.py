@@ -56,7 +56,7 @@ class StaticKVCache:
         return cls(
             c.num_hidden_layers,
             batch,
-            c.num_key_value_heads,
+            model.layers[0].self_attn.kv_heads,  # a tensor-parallel rank's share of them
             max_len,
             c.head_dim,
             weight.dtype,

@@ -39,6 +39,8 @@ class Qwen2(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        # This process's share of a tensor-parallel model (minqwen.parallel.sharding.shard), or None: whole.
+        self.tensor_parallel = None
         self._init_rope()
 
     def _init_rope(self, device=None):
@@ -107,6 +109,7 @@ class Qwen2(nn.Module):
         *,
         quantize: str | None = None,
         group_size: int | None = None,
+        tensor_parallel=None,
     ):
         """Qwen2 with the weights of the Hugging Face checkpoint folder `path`.
 
@@ -118,7 +121,15 @@ class Qwen2(nn.Module):
         Every fault (a bad config, a corrupt or truncated file, a missing, unexpected, mis-shaped or non-finite
         tensor) is a LoadError or ConfigError that names the file. Names and shapes are checked from the files'
         headers before any tensor is read; then each tensor is read, converted, checked and placed in turn.
+
+        `tensor_parallel` (a `minqwen.parallel.collectives.TensorParallel`) loads one rank's share of a model split
+        across processes (chapter 8): each split weight is read as the slice this rank holds, never whole.
         """
+        if quantize is not None and tensor_parallel is not None:
+            raise ValueError(
+                "quantize and tensor_parallel do not combine yet: load a float model to split it, or quantize "
+                "it on one device"
+            )
         if quantize is not None:
             from minqwen.quant import weight_only  # minqwen.quant imports this module
 
@@ -128,6 +139,10 @@ class Qwen2(nn.Module):
         path = Path(path)
         verify_checkpoint(path, trust=True)
         config = ModelConfig.from_file(path)
+        if tensor_parallel is not None:
+            from minqwen.parallel import sharding  # minqwen.parallel imports the config module
+
+            sharding.check_split(config, tensor_parallel.world_size)
         with torch.device("meta"):
             model = cls(config)
         to_quantize = {}
@@ -146,8 +161,12 @@ class Qwen2(nn.Module):
                         continue  # some tied checkpoints store the head anyway; the embedding is the truth
                     shapes[name], origin[name] = tuple(f.get_slice(hf_name).get_shape()), file
         _check_state(shapes, expected, path)
+        slices = {}
+        if tensor_parallel is not None:
+            sharding.shard(model, tensor_parallel)
+            slices = {n: sharding.rank_slice(n, shapes[n], tensor_parallel) for n in shapes}
         with torch.no_grad():
-            for name, tensor in _read_tensors(origin, device, dtype):
+            for name, tensor in _read_tensors(origin, device, dtype, slices):
                 model.load_state_dict({name: tensor}, strict=False, assign=True)
                 layer_name = name.rpartition(".")[0]
                 if layer_name in to_quantize:
@@ -217,12 +236,19 @@ def _open_safetensors(file: Path):
         yield f
 
 
-def _read_tensors(origin: dict[str, Path], device, dtype):
-    """(name, tensor) for every name of `origin` (name -> file), one at a time, converted and checked."""
+def _read_tensors(origin: dict[str, Path], device, dtype, slices: dict):
+    """(name, tensor) for every name of `origin` (name -> file), one at a time, converted and checked; a name
+    in `slices` is read as that index of the stored tensor only."""
     for file in dict.fromkeys(origin.values()):
         with _open_safetensors(file) as f:
             for name in (n for n, where in origin.items() if where == file):
-                tensor = f.get_tensor(minqwen_to_hf(name)).to(device=device, dtype=dtype)
+                index = slices.get(name)
+                if index is None:
+                    tensor = f.get_tensor(minqwen_to_hf(name))
+                else:
+                    # A slice comes back as a view into the mapped file: the copy keeps this rank's part alone.
+                    tensor = f.get_slice(minqwen_to_hf(name))[index].clone()
+                tensor = tensor.to(device=device, dtype=dtype)
                 _check_finite(name, tensor, file)
                 yield name, tensor
 

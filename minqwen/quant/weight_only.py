@@ -80,6 +80,11 @@ def layers_to_quantize(
         raise ValueError(
             "this model is already quantized; load it again to quantize it another way"
         )
+    if model.tensor_parallel is not None:
+        raise ValueError(
+            "this model is split across processes (tensor parallelism), which quantize does not "
+            "support yet: quantize a model on one device"
+        )
     targets = [
         (f"layers.{i}.{part}.{name}", getattr(layer, part), name)
         for i, layer in enumerate(model.layers)

@@ -127,6 +127,45 @@ def load_hf(model: str, device, dtype, seed: int = 0):
     return hf.eval().requires_grad_(False)
 
 
+def random_qwen2(size: str, device, dtype, *, tensor_parallel=None, seed: int = 0) -> Qwen2:
+    """A minqwen `Qwen2` of a size's real config with random weights made in place on `device`, as transformers
+    initializes them (normal with std 0.02, norms 1, biases 0). With `tensor_parallel` only this rank's share is
+    made, so a model larger than one device (72B) never exists whole anywhere."""
+    from minqwen.model.sizes import as_config
+
+    with torch.device("meta"):
+        model = Qwen2(as_config(size)).to(dtype)
+    if tensor_parallel is not None:
+        from minqwen.parallel.sharding import shard
+
+        shard(model, tensor_parallel)
+    model.to_empty(device=device)
+    if model.config.tie_word_embeddings:  # to_empty gives each module a tensor of its own
+        model.lm_head.weight = model.embed_tokens.weight
+    generator = torch.Generator(device).manual_seed(seed + (tensor_parallel or (0,))[0])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.fill_(1)
+            elif name.endswith(".bias"):
+                param.zero_()
+            else:
+                param.normal_(0, 0.02, generator=generator)
+    return model.eval().requires_grad_(False)
+
+
+def _split_model(model: str, device, dtype, tensor_parallel) -> Qwen2:
+    """This rank's share of a size (random weights, made in place) or of a fetched checkpoint (its slices read)."""
+    if model in SIZES:
+        return random_qwen2(model, device, dtype, tensor_parallel=tensor_parallel)
+    from minqwen.weights import fetch
+
+    path = fetch(model, trust=True)
+    return Qwen2.from_pretrained(
+        path, dtype, device, tensor_parallel=tensor_parallel
+    ).requires_grad_(False)
+
+
 def minqwen_from_hf(hf) -> Qwen2:
     """A minqwen `Qwen2` holding the very tensors of a loaded HF model (no copy), so either can be dropped."""
     config = config_of(hf)
@@ -376,10 +415,15 @@ def run_bench(
     deadline_s: float | None = None,
     progress: bool = True,
     log=print,
+    tensor_parallel=None,
 ) -> list[dict]:
     """Measure every cell, append one JSON line per cell (and one roofline line per model/batch/prompt) to
     `output`, and return the records. A cell that fails (out of memory, say) is logged and skipped; cells not
-    started before `deadline_s` seconds are skipped too, so a time-limited run still writes what it finished."""
+    started before `deadline_s` seconds are skipped too, so a time-limited run still writes what it finished.
+
+    With `tensor_parallel` (this process's place in a `torchrun` job, chapter 8) every rank measures minqwen's
+    engines on its share of the model, made or read directly, and rank 0 alone writes; each record and the
+    roofline count `tp` ranks, each reading its share."""
     import transformers
     from tqdm.auto import tqdm
 
@@ -395,6 +439,13 @@ def run_bench(
     dtype_name = str(dtype).removeprefix("torch.")
     if dtype_name not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype_name}")
+    tp = 1 if tensor_parallel is None else tensor_parallel.world_size
+    if tp > 1 and {c.impl for c in cells} - {"minqwen-eager", "minqwen-fast"}:
+        raise ValueError(
+            "under --tp only minqwen-eager and minqwen-fast split the model; pass --impls with those"
+        )
+    if tp > 1 and tensor_parallel.rank > 0:
+        output, progress, log = None, False, lambda *args: None
     transformers.logging.set_verbosity_error()
     torch._dynamo.config.recompile_limit = 64  # one compiled layer per shape the sweep visits
     started = time.perf_counter()
@@ -405,6 +456,7 @@ def run_bench(
         "transformers": transformers.__version__,
         "commit": commit or current_commit(),
         "dtype": str(dtype).removeprefix("torch."),
+        "tp": tp,
     }
     copy_bw, matmul = copy_bandwidth(device), matmul_rate(device, dtype)
     log(
@@ -434,12 +486,19 @@ def run_bench(
     bar = tqdm(total=len(cells), disable=not progress, desc="bench", unit="cell")
     for model_name in dict.fromkeys(c.model for c in cells):
         mine = [c for c in cells if c.model == model_name]
-        hf = load_hf(model_name, device, dtype)
-        config = ModelConfig.from_dict(hf.config.to_dict(), source=model_name)
+        hf = ours = fast = None
+        if tensor_parallel is None:
+            hf = load_hf(model_name, device, dtype)
+            config = ModelConfig.from_dict(hf.config.to_dict(), source=model_name)
+        else:
+            ours = _split_model(model_name, device, dtype, tensor_parallel)
+            config = ours.config
         for batch, prompt in dict.fromkeys((c.batch_size, c.prompt_len) for c in mine):
-            numbers = roofline(config, batch, prompt, new_tokens, dtype_name, copy_bw, matmul)
+            # Each of `tp` ranks reads its share at the measured rate: together, tp times the bytes per second.
+            numbers = roofline(
+                config, batch, prompt, new_tokens, dtype_name, copy_bw * tp, matmul * tp
+            )
             emit(model_name, "roofline", batch, prompt, numbers)
-        ours = fast = None
         for impl in IMPLS:
             todo = [c for c in mine if c.impl == impl]
             if not todo:
@@ -558,6 +617,13 @@ def add_arguments(parser) -> None:
         "--deadline", type=float, default=None, help="seconds after which no new cell starts"
     )
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--tp",
+        type=int,
+        default=None,
+        help="split the model across the N processes of `torchrun --nproc-per-node N` (chapter 8); "
+        "minqwen-eager and minqwen-fast only",
+    )
 
 
 def cli(args) -> int:
@@ -584,6 +650,18 @@ def cli(args) -> int:
     cells = plan(
         args.models.split(","), impls, _int_list(args.batches), _int_list(args.prompts), args.skip
     )
+    tensor_parallel = None
+    if args.tp is not None:
+        if args.tp < 1:
+            raise ValueError(f"--tp must be at least 1, got {args.tp}")
+        if set(impls) - {"minqwen-eager", "minqwen-fast"}:
+            raise ValueError(
+                "under --tp only minqwen-eager and minqwen-fast split the model; pass --impls "
+                "minqwen-fast (or minqwen-eager)"
+            )
+        from minqwen.parallel import launch
+
+        tensor_parallel, device = launch.join(args.tp, device.type)
     output = Path(args.out) if args.out else default_output(Path(args.out_dir), device)
     run_bench(
         cells,
@@ -597,6 +675,11 @@ def cli(args) -> int:
         commit=args.commit,
         deadline_s=args.deadline,
         progress=not args.no_progress,
+        tensor_parallel=tensor_parallel,
     )
+    if tensor_parallel is not None:
+        from minqwen.parallel import launch
+
+        launch.leave()
     print(f"wrote {output}")
     return 0

@@ -71,6 +71,7 @@ parts = {
     "the fast engine": "engine.fast",
     "split attention (a Triton kernel)": "engine.decode_attention",
     "speculative decoding": "engine.speculative",
+    "tensor parallelism: the split": "parallel.sharding",
 }
 parts = {
     what: importlib.import_module(f"minqwen.{name}") for what, name in parts.items()
@@ -155,7 +156,9 @@ if DTYPE == torch.float32:
 #   distribution. Chapter 7 builds it: on an H200, prompt lookup decodes the 1.5B's edits 2.6 to 2.7 times as
 #   fast ({doc}`../ch7/02_acceptance_and_speed`).
 # - **Several GPUs.** Tensor parallelism (Megatron-LM) splits every matrix across GPUs, with two all-reduces per
-#   layer; `torch.distributed` and `torchrun` provide the plumbing.
+#   layer; `torch.distributed` and `torchrun` provide the plumbing. Chapter 8 builds it: the 72B, too large for
+#   one H200, decodes on two at 80% of their roofline, and the 7B 1.34 times faster than on one
+#   ({doc}`../ch8/02_two_gpus`).
 # - **Many users at once.** vLLM's PagedAttention and nano-vllm (`GeeeekExplorer/nano-vllm`) schedule requests
 #   continuously over a KV cache kept in pages.
 #
