@@ -138,9 +138,8 @@ with torch.no_grad():
     by_hand = mlp_partial(0) + mlp_partial(1)  # the all-reduce
     whole = layer.mlp(x)
 torch.testing.assert_close(by_hand, whole, rtol=1e-5, atol=1e-5)
-print(
-    f"sum of the two ranks' partial MLPs = the whole MLP (max diff {(by_hand - whole).abs().max():.1e})"
-)
+gap = (by_hand - whole).abs().max()
+print(f"sum of the two ranks' partial MLPs = the whole MLP (max diff {gap:.1e})")
 
 # %% [markdown]
 # The difference is rounding: each rank sums over half of the channels, and the all-reduce adds the two halves,

@@ -141,11 +141,11 @@ assert big / big_hf > 3
 
 # %% [markdown]
 # - **The 7B decodes 1.34 times faster on two GPUs** at batch 1 (303 against 226 tok/s), 1.27 at batch 8 and
-#   1.35 at 64. The issue's target was 1.5, which gpt-fast reports for Llama-2-7B on two A100s (1.61): missed,
+#   1.35 at 64. The aim was 1.5, about what gpt-fast reports for Llama-2-7B on two A100s (1.61): missed,
 #   and the next section shows exactly why.
 # - **The 32B gains 1.58 times** at batch 1 (87 against 55 tok/s). The larger the model, the more of a step is
 #   reading weights, which is what splitting halves.
-# - **The 72B**, which no single H200 holds, decodes at 46 tok/s, 80% of the two GPUs' roofline (the target was
+# - **The 72B**, which no single H200 holds, decodes at 46 tok/s, 80% of the two GPUs' roofline (the aim was
 #   70%). The 32B reaches 67%.
 # - **transformers across the same two GPUs** is 3 to 11 times slower: its layers run one GPU after the other, so
 #   only one GPU works at a time, and eager `generate` pays Python's launch overhead on every kernel.
