@@ -2,9 +2,9 @@
 
 `minqwen.model` holds the model, `minqwen.engine` drives it, `minqwen.tokenizer` and `minqwen.weights` bring text
 and checkpoints in, `minqwen.quant` reads quantized files and quantizes weights, `minqwen.parallel` splits a model
-across processes, and `minqwen.tools` measures and checks. The names below are the public API. They load on first use, so that `import minqwen`, and with it the
-command line, starts without importing torch: a Ctrl-C or a bad argument is then answered before any heavy
-import.
+across processes, and `minqwen.tools` measures and checks. The names below are the public API. They load on first
+use, so that `import minqwen`, and with it the command line, starts without importing torch: a Ctrl-C or a bad
+argument is then answered before any heavy import.
 """
 
 from __future__ import annotations

@@ -40,6 +40,7 @@ from minqwen.parallel.sharding import shard
 from minqwen.tools.bench import (
     _minqwen_fast,
     copy_bandwidth,
+    fill_as_initialized,
     load_hf,
     measure,
     minqwen_from_hf,
@@ -229,12 +230,7 @@ def hf_pipeline(size: str, out: Output, batches) -> None:
     for name, param in list(hf.named_parameters()):
         place = f"cuda:{device_map[_owner(name, device_map)]}"
         value = torch.empty(param.shape, dtype=torch.bfloat16, device=place)
-        if name.endswith("norm.weight"):
-            value.fill_(1)
-        elif name.endswith(".bias"):
-            value.zero_()
-        else:
-            value.normal_(0, 0.02)
+        fill_as_initialized(name, value)
         set_module_tensor_to_device(hf, name, place, value=value)
     hf = dispatch_model(hf.eval().requires_grad_(False), device_map=device_map)
     gpus = sorted({d for d in device_map.values() if isinstance(d, int)})

@@ -50,7 +50,7 @@ def split_map(shapes: dict[str, tuple[int, int]], split_dim: dict[str, int], wor
         ax.add_patch(Rectangle((0, 0), 0, 0, color=RANK_COLORS[rank], label=f"rank {rank}"))
     ax.set(xlim=(-0.2, x), ylim=(-0.4, 3.4), aspect="equal")
     ax.axis("off")
-    ax.legend(loc="lower right", fontsize=8, ncol=world)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, 0.0), fontsize=8, ncol=world, frameon=False)
     ax.set_title(
         f"One layer and the embedding over {world} ranks: rows split (q, k, v, gate, up, embedding) "
         "or columns split (o, down)",
@@ -188,7 +188,8 @@ def collectives_figure(records: list[dict]) -> None:
         xlabel="model, hidden size x batch (bf16)",
         title="One all-reduce of a layer's output on two H200s",
     )
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, max(r["nccl_python_us"] for r in rows) * 1.4)
+    ax.legend(fontsize=8, ncol=3, loc="upper center")
     show_figure(fig)
 
 
@@ -341,5 +342,6 @@ def projection_figure(curves: dict[str, list[dict]]) -> None:
     )
     ax.set_xticks(gpus, [str(g) for g in gpus])
     ax.set_yticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+    ax.minorticks_off()
     ax.legend(fontsize=8)
     show_figure(fig)

@@ -142,16 +142,35 @@ def random_qwen2(size: str, device, dtype, *, tensor_parallel=None, seed: int = 
     model.to_empty(device=device)
     if model.config.tie_word_embeddings:  # to_empty gives each module a tensor of its own
         model.lm_head.weight = model.embed_tokens.weight
-    generator = torch.Generator(device).manual_seed(seed + (tensor_parallel or (0,))[0])
+    rank = 0 if tensor_parallel is None else tensor_parallel.rank
+    generator = torch.Generator(device).manual_seed(seed + rank)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.fill_(1)
-            elif name.endswith(".bias"):
-                param.zero_()
-            else:
-                param.normal_(0, 0.02, generator=generator)
+            fill_as_initialized(name, param, generator)
     return model.eval().requires_grad_(False)
+
+
+def fill_as_initialized(name: str, tensor: torch.Tensor, generator=None) -> None:
+    """Fill parameter `name` as transformers initializes a Qwen2: norms 1, biases 0, the rest normal with std
+    0.02. Random weights with the real config are honest for speed, which does not depend on the values."""
+    if name.endswith("norm.weight"):
+        tensor.fill_(1)
+    elif name.endswith(".bias"):
+        tensor.zero_()
+    else:
+        tensor.normal_(0, 0.02, generator=generator)
+
+
+SPLIT_IMPLS = ("minqwen-eager", "minqwen-fast")
+
+
+def check_split_impls(impls) -> None:
+    """Under tensor parallelism only minqwen's own engines run on a split model."""
+    if set(impls) - set(SPLIT_IMPLS):
+        raise ValueError(
+            "under --tp only minqwen-eager and minqwen-fast split the model; pass --impls "
+            "minqwen-fast (or minqwen-eager)"
+        )
 
 
 def _split_model(model: str, device, dtype, tensor_parallel) -> Qwen2:
@@ -440,10 +459,8 @@ def run_bench(
     if dtype_name not in DTYPE_BYTES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_BYTES)}, got {dtype_name}")
     tp = 1 if tensor_parallel is None else tensor_parallel.world_size
-    if tp > 1 and {c.impl for c in cells} - {"minqwen-eager", "minqwen-fast"}:
-        raise ValueError(
-            "under --tp only minqwen-eager and minqwen-fast split the model; pass --impls with those"
-        )
+    if tp > 1:
+        check_split_impls(c.impl for c in cells)
     if tp > 1 and tensor_parallel.rank > 0:
         output, progress, log = None, False, lambda *args: None
     transformers.logging.set_verbosity_error()
@@ -654,11 +671,7 @@ def cli(args) -> int:
     if args.tp is not None:
         if args.tp < 1:
             raise ValueError(f"--tp must be at least 1, got {args.tp}")
-        if set(impls) - {"minqwen-eager", "minqwen-fast"}:
-            raise ValueError(
-                "under --tp only minqwen-eager and minqwen-fast split the model; pass --impls "
-                "minqwen-fast (or minqwen-eager)"
-            )
+        check_split_impls(impls)
         from minqwen.parallel import launch
 
         tensor_parallel, device = launch.join(args.tp, device.type)

@@ -40,6 +40,7 @@ from helpers import model_path, show_source, stamp
 
 import subprocess
 import sys
+import textwrap
 
 import torch
 import torch.nn.functional as F
@@ -275,7 +276,7 @@ assert torch.equal(share.layers[0].self_attn.q_proj.weight, q[q.shape[0] // 2 :]
 try:
     check_split(config, 4)
 except ValueError as error:
-    print(error)
+    print(textwrap.fill(str(error), 88))
 
 # %% [markdown]
 # ## Two real processes

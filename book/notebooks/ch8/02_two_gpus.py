@@ -164,7 +164,7 @@ assert big / big_hf > 3
 budget = table(
     [figures.step_budget(records, m, BANDWIDTH) for m in ("7B", "32B", "72B")]
 )
-budget.set_index("model").T
+budget.drop(columns="batch").set_index("model").T.fillna("-")
 
 # %%
 seven = figures.step_budget(records, "7B", BANDWIDTH)
