@@ -164,7 +164,8 @@ assert big / big_hf > 3
 budget = table(
     [figures.step_budget(records, m, BANDWIDTH) for m in ("7B", "32B", "72B")]
 )
-budget.drop(columns="batch").set_index("model").T.fillna("-")
+shown = budget.drop(columns="batch").set_index("model").T.astype(object)
+shown.where(shown.notna(), "-")
 
 # %%
 seven = figures.step_budget(records, "7B", BANDWIDTH)
