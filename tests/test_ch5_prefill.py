@@ -14,7 +14,13 @@ import torch
 from conftest import left_pad, random_prompts
 
 import minqwen
-from minqwen.engine.fast import FastQwen2, cudnn_attention, prefill_attention
+from minqwen.engine.fast import (
+    PREFILL_GRANULE,
+    FastQwen2,
+    cudnn_attention,
+    prefill_attention,
+    prefill_length,
+)
 from minqwen.engine.request import prepare
 
 GREEDY = dict(do_sample=False, eos_token_id=[])
@@ -132,3 +138,17 @@ def test_float32_chunks_on_cuda_do_not_go_to_cudnn():
     """cuDNN's attention op, called directly, does not refuse float32, which it lacks: float32 chunks take the
     bottom-right mask instead. Decided before any CUDA query, so it is checked here without a GPU."""
     assert not cudnn_attention(torch.device("cuda"), torch.float32)
+
+
+def test_a_captured_prefill_pads_a_prompt_by_under_a_quarter():
+    """The graph computes its padding like real tokens, so from four granules on it pads by under 25%, with
+    at most four lengths per octave (each length is a graph to capture and keep), and never past the cache."""
+    lengths = {prefill_length(prompt, 4096) for prompt in range(1, 2049)}
+    for prompt in range(1, 2049):
+        length = prefill_length(prompt, 4096)
+        assert prompt <= length and length % PREFILL_GRANULE == 0
+        if prompt >= 4 * PREFILL_GRANULE:
+            assert length < 1.25 * prompt
+    for low in (128, 256, 512, 1024):
+        assert len([n for n in lengths if low < n <= 2 * low]) <= 4
+    assert prefill_length(128, 256) == 128 and prefill_length(300, 320) == 320

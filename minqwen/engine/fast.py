@@ -63,6 +63,19 @@ from minqwen.quant.weight_only import fused_weight, weight_of
 FINISHED_CHECK_EVERY = 16
 # Decode states (a KV cache each) kept for reuse; the least recently used goes first.
 MAX_STATES = 4
+# The shortest padded length of a captured prefill. From four of these on, a prompt is padded to a multiple of a
+# quarter of the power of two at or below it: under 25% more work, and four lengths per octave to capture.
+PREFILL_GRANULE = 32
+
+
+def prefill_length(prompt: int, capacity: int) -> int:
+    """The padded length of the captured prefill that runs a prompt of `prompt` tokens in a cache of `capacity`.
+
+    A graph pads the prompt, and the padding is computed like real tokens: at a large batch, where prefill is
+    bound by arithmetic, rounding a 128-token prompt up to a whole 256-position bucket halved the 7B's prefill
+    rate (book/data/bench/NOTES.md)."""
+    granule = max(PREFILL_GRANULE, 1 << max(prompt.bit_length() - 3, 0))
+    return min(-(-prompt // granule) * granule, capacity)
 
 
 class LayerWeights(NamedTuple):
@@ -779,8 +792,8 @@ class FastQwen2:
         advance(self._choose(logits, state, request.sampling), logits, *state.counters())
 
     def _prefill_graph(self, state: _DecodeState, prompt: int, left_padded: bool) -> _PrefillGraph:
-        """The captured prefill for this prompt length rounded up to the bucket, captured on first use."""
-        length = min(-(-prompt // self.bucket) * self.bucket, state.keys[0].shape[2])
+        """The captured prefill for this prompt length, padded by `prefill_length`, captured on first use."""
+        length = prefill_length(prompt, state.keys[0].shape[2])
         key = (length, left_padded)
         if key not in state.prefills:
             state.prefills[key] = _PrefillGraph(self, state, length, left_padded)
