@@ -69,3 +69,29 @@ def test_one_row_per_context_with_its_bytes_and_roofline(cpu_profile, tiny_check
         assert r["prompt"] == r["context"] - r["steps"] // 2
         assert isinstance(r["eager_step_ms"], float)
         assert "graphs_step_ms" not in r and "kernels" not in r
+
+
+def test_waterfall_script_measures_each_cpu_variant_against_its_roofline(tiny_checkpoint, tmp_path):
+    """scripts/gpu_waterfall.py (ch5/02's bars) on a CPU: one line per variant that runs there, in order, each
+    with a rate and the roofline of minqwen.tools.bench for the same cell."""
+    from minqwen.tools.bench import roofline
+
+    out = tmp_path / "waterfall.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    arguments = ["--device", "cpu", "--sizes", str(tiny_checkpoint), "--prompt", "8"]
+    arguments += ["--new-tokens", "6", "--repeats", "1", "--out", str(out)]
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_waterfall.py"), *arguments],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    header, *rows = (json.loads(line) for line in out.read_text().splitlines())
+    assert header["header"] and header["copy_bytes_per_s"] > 0
+    assert [r["variant"] for r in rows] == ["hf-eager", "minqwen-eager", "static-cache"]
+    config = ModelConfig.from_file(tiny_checkpoint)
+    bound = roofline(config, 1, 8, 6, "float32", header["copy_bytes_per_s"], float("inf"))
+    for r in rows:
+        assert r["decode_tok_s"] > 0 and r["dtype"] == "float32"
+        assert r["roofline_decode_tok_s"] == pytest.approx(bound["decode_tok_s"])

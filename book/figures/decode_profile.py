@@ -78,6 +78,28 @@ def kernels(row: pd.Series, column: str = "kernels") -> pd.DataFrame:
     return frame
 
 
+def replay_steps(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per (size, context) of runs made with both attentions (`kernels` and `split_kernels`): each
+    build's step as one replay's span in ms, the roofline, and the microseconds of attention in each."""
+    rows = []
+    for _, run in runs.iterrows():
+        matmul, split = kernels(run), kernels(run, "split_kernels")
+        merges = split.query("role == 'split attention: merge kernel'").dur_us
+        rows.append(
+            {
+                "size": run["size"],
+                "context": run.context,
+                "matrix products": matmul.end_us.max() / 1e3,
+                "split": split.end_us.max() / 1e3,
+                "roofline": run.roofline_ms,
+                "attention µs, matrix products": matmul.query("kind == 'attention'").dur_us.sum(),
+                "attention µs, split + merge": split.query("kind == 'attention'").dur_us.sum(),
+                "merge µs per layer": merges.mean(),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def timeline(frame: pd.DataFrame, title: str, until_us: float) -> None:
     """The whole replay as a strip of kernels coloured by kind, and a close-up of its first `until_us`."""
     fig, (whole, close) = plt.subplots(

@@ -1,4 +1,4 @@
-"""Figures and tables of the prefill page (ch5/03), from the runs of scripts/gpu_prefill.py."""
+"""Figures and tables of the prefill page (ch5/04), from the runs of scripts/gpu_prefill.py."""
 
 from __future__ import annotations
 

@@ -26,8 +26,7 @@
 #   its FLOPs or read the weights, whichever takes longer; and the code that computes both;
 # - how the benchmark times prefill and decode apart, and what it measured on an H100 for four implementations,
 #   by batch size and prompt length: decode and prefill tok/s, and peak memory;
-# - why batch-1 decoding of a small model is far from its roofline, and what the fast path (fused projections, a
-#   static cache, no host sync, {term}`CUDA graph`s) does about it;
+# - why batch-1 decoding of a small model is far from its roofline, and how far the fast path of chapter 5 gets;
 # - why decoding stays bound by memory bandwidth even at batch 64.
 #
 # **You need** the {term}`KV cache` and its size from {doc}`01_hf_cache`, the cached loop of
@@ -49,9 +48,7 @@ import pandas as pd
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-import minqwen
 from minqwen.engine.fast import FastQwen2
-from minqwen.engine.sampling import SamplingConfig, process_logits, sample_without_sync
 from minqwen.model.sizes import (
     kv_cache_bytes_per_token,
     parameter_count,
@@ -60,7 +57,6 @@ from minqwen.model.sizes import (
     weight_bytes_per_step,
 )
 from minqwen.tools import bench
-from minqwen.tools.stats import chi_square
 
 runs = pd.DataFrame(
     json.loads(line)
@@ -307,7 +303,7 @@ prefill.map(lambda x: "" if pd.isna(x) else f"{x:,.0f}")
 # hands to the same cuBLAS kernels: they come closer together (the spread printed above), and the 7B reaches the
 # best fraction printed. The small 0.5B stays far below its bound, which assumes every FLOP runs at the rate of
 # one large square product. When these runs were made, the fast path did nothing special here: its prefill ran
-# the layer functions once per prompt, uncompiled. {doc}`../ch5/03_prefill` measures what changed since: the
+# the layer functions once per prompt, uncompiled. {doc}`../ch5/04_prefill` measures what changed since: the
 # prompt in chunks, compiled, and captured as one CUDA graph, which is the code below:
 
 # %%
@@ -346,72 +342,18 @@ figures.by_batch(
 # tensors, which for 64 prompts of 2,048 tokens outgrow the 7B's weights. The eager loops were measured at prompt
 # 2,048 only at batch 1: the cells of larger batches did not fit the GPU call's time.
 #
-# ## What the fast path does
+# ## How the fast path gets there
 #
-# `minqwen.engine.fast.FastQwen2` wraps a loaded `Qwen2` without changing it. Four moves:
+# `minqwen-fast` is `minqwen.engine.fast.FastQwen2`: fused projections, a static cache written in place, no host
+# sync per token, one compiled layer, and each decode step captured as one {term}`CUDA graph`. Chapter 5 builds it
+# move by move and measures what each move buys ({doc}`../ch5/02_graphs`), then takes it further. Its tokens
+# equal the eager loop's in float32; in bf16 on a GPU they part from them only at near-ties.
 #
-# 1. **Fused projections**: q, k, v become one matrix, gate and up another.
-# 2. **A static, bucketed KV cache** written in place with `index_copy_` at a slot held in a device tensor, so every
-#    decode step has the same shapes. Prompt + new tokens is rounded up to a multiple of 256 positions; any prompt
-#    in a bucket reuses the compiled step.
-# 3. **No host sync per token**: the next token, position, slot, finished flags and output buffer live on the
-#    device and the step updates them itself. That includes sampling: the step draws with `sample_without_sync`,
-#    the same distribution as the eager loop's sampler with no data-dependent shapes, so sampled generation runs
-#    inside the graph too.
-# 4. **One CUDA graph per (batch, bucket)**: one decoder layer is compiled (every layer has the same code and
-#    shapes), and the whole step is captured as a graph and replayed once per token.
-#
-# One decode layer: grouped-query attention as two batched matrix products with each kv head's query heads as
-# rows, so each cached key and value is read once.
-
-# %%
-show_source(minqwen.engine.fast.decode_layer)
-
-# %% [markdown]
-# At batch 1, under the compiler, every projection is written as multiply-and-sum, so inductor turns it into one
-# reduction kernel that also absorbs the norm scaling, SwiGLU, the bias and the residual add around it.
-# `book/data/bench/NOTES.md` records each attempt, its prediction and its outcome, including the variants this
-# beat.
-
-# %%
-show_source(minqwen.engine.fast.linear)
-
-# %% [markdown]
-# ### Same tokens as the eager loop?
-#
-# In float32 on a CPU the fast path must pick exactly the greedy tokens of `minqwen.generate` (tests in
-# `tests/test_ch4_fast.py` check this on tiny models and the embedded model). On the GPU, in bf16, the two paths
-# round differently, and a flip can follow wherever two tokens' logits are within rounding of each other. The
-# committed check ran three chat prompts for 32 tokens on the H100:
-
-# %% tags=["hide-input"]
-agreement = pd.DataFrame(
-    json.loads(line)
-    for line in (BENCH / "fast-agreement-nvidia-h100-80gb-hbm3-2026-11-26.jsonl")
-    .read_text()
-    .splitlines()
-)
-agreement["tokens that agree"] = agreement["same"].astype(str) + " / 32"
-agreement[["size", "dtype", "row", "tokens that agree", "gap", "gap_ulps"]].rename(
-    columns={"gap_ulps": "gap in bf16 steps"}
-)
-
-# %% [markdown]
-# In float32 the GPU paths agree on every token; in bf16 they part only where the eager model's own logits put the
-# two choices 0 to 6 rounding steps apart (0 is an exact bf16 tie). Random weights make flat logits, so such
-# near-ties come early.
-
-# %%
-fp32 = agreement[agreement.dtype == "float32"]
-assert len(fp32) and (fp32.same == 32).all()
-assert (agreement[agreement.same < 32].gap_ulps.abs() <= 8).all()
-
-# %% [markdown]
 # ## A small CPU run, here
 #
 # The fast path also runs on a CPU, without compiler or graphs: the same step, called from Python, with the eager
 # loop's own sampler. A toy Qwen2 (the 0.5B's widths, two layers, an 8,192-token vocabulary, random weights)
-# keeps this quick. First, the tokens, greedy and sampled with a seed:
+# keeps this quick:
 
 # %% tags=["hide-input"]
 torch.manual_seed(0)
@@ -431,18 +373,8 @@ toy_config = Qwen2Config(
 toy_folder = Path(tempfile.mkdtemp()) / "toy-qwen2-2-layers"
 Qwen2ForCausalLM(toy_config).save_pretrained(toy_folder)
 
-# %%
-toy = minqwen.Qwen2.from_pretrained(toy_folder)
-prompts = torch.randint(3, 8192, (2, 20), generator=torch.Generator().manual_seed(1))
-fast = FastQwen2(toy)
-for settings in (dict(do_sample=False), dict(do_sample=True, top_k=0, seed=0)):
-    eager_tokens = minqwen.generate(toy, prompts, 24, eos_token_id=[], **settings)
-    fast_tokens = fast.generate(prompts, 24, eos_token_id=[], **settings)
-    assert torch.equal(fast_tokens, eager_tokens)
-    print(f"{settings}: fast == eager on all 24 new tokens of both rows")
-
 # %% [markdown]
-# Then a bench run of the three implementations that run on a CPU, the same code the GPU runs went through. Its
+# A bench run of the three implementations that run on a CPU, the same code the GPU runs went through. Its
 # numbers change from run to run, so the cell's output is not compared; it still checks that every cell produced a
 # rate.
 
@@ -485,12 +417,10 @@ cpu_decode.round(2)
 #   Prefill is bound by the larger of its FLOPs over the matrix rate and one read of the weights.
 # - On an H100 at batch 1, transformers' compiled path reaches about half of the 7B's roofline; the fast path
 #   reaches 87% on the 7B and three times transformers' compiled speed on the 0.5B.
-# - A small model's batch-1 step is dominated by fixed per-kernel costs, not bytes; fusing projections, a static
-#   cache, sampling on the device and CUDA graphs remove most of them.
+# - A small model's batch-1 step is dominated by fixed per-kernel costs, not bytes; the fast path, which chapter 5
+#   builds, removes most of them.
 # - Batching multiplies decode tok/s almost by the batch until the cache's bytes catch up with the weights';
 #   prefill is large matrix products for every implementation, and memory grows with batch times prompt.
-# - The fast path's tokens equal the eager loop's on a CPU, greedy and sampled; in bf16 on a GPU they part only at
-#   near-ties.
 #
 # ## Exercises
 #
@@ -568,46 +498,6 @@ assert prefill_flops("7B", 1, 128) / R < W / beta <= prefill_flops("7B", 1, n) /
 # Each prompt token costs about $2W/2 = W$ FLOPs (two per parameter, one parameter per two bytes), so the switch
 # comes near $n \approx R/\beta$, the ridge point itself: a prefill of $n$ tokens is a matrix product with $n$
 # rows, and its intensity is $n$ FLOPs per byte of weights.
-#
-# ```{solution-end}
-# ```
-#
-# ````{exercise}
-# :label: performance-sampler
-# The fast engine draws with `sample_without_sync`, an exponential race instead of `torch.multinomial`: other
-# draws, the same distribution. Check it: draw 20,000 tokens with it from one row of logits under the Instruct
-# defaults (temperature 0.7, top-k 20, top-p 0.8), and test the counts against the probabilities of
-# `process_logits` with `minqwen.tools.stats.chi_square`.
-# ````
-#
-# ```{solution-start} performance-sampler
-# :class: dropdown
-# ```
-
-# %%
-show_source(chi_square)
-
-# %%
-torch.manual_seed(0)
-logits = torch.randn(1, 1000)
-config = SamplingConfig.resolve(
-    {}, do_sample=True, temperature=0.7, top_k=20, top_p=0.8
-)
-seen = torch.zeros(1, 1000, dtype=torch.bool)
-probs = process_logits(logits, None, config, seen=seen).softmax(-1)[0]
-draws = sample_without_sync(logits.expand(20_000, -1), seen.expand(20_000, -1), config)
-counts = torch.bincount(draws, minlength=1000)
-statistic, dof, p = chi_square(counts, probs)
-survivors = int((probs > 0).sum())
-print(f"{survivors} tokens survive the filters")
-print(f"chi-square {statistic:.1f} on {dof} degrees of freedom, p = {p:.2f}")
-assert p > 0.01 and counts[probs == 0].sum() == 0
-
-# %% [markdown]
-# No draw falls outside the filtered set, and the counts fit the distribution (a p-value far below 0.01 would mean
-# they did not). The race picks token $i$ with probability $p_i$ because $\arg\max_i p_i / E_i$ with independent
-# $E_i \sim \mathrm{Exp}(1)$ is $\arg\min_i E_i / p_i$, and $E_i / p_i$ is an exponential of rate $p_i$: the
-# smallest of independent exponentials is the one of rate $p_i$ with probability $p_i / \sum_j p_j$.
 #
 # ```{solution-end}
 # ```

@@ -363,10 +363,10 @@ steps.assign(**{"fraction of the roofline": steps.roofline / steps.graphs})[
 
 # %% [markdown]
 # Without graphs a step costs 17 to 32 ms whatever the model: the Python that launches 300 kernels, not the GPU,
-# sets the pace, which is why {doc}`../ch4/05_performance` captured the step. With graphs, the time grows with the
+# sets the pace, which is why the fast engine captures the step as a graph ({doc}`02_graphs`). With graphs, the time grows with the
 # context faster than the roofline does: the attention kernels read the cache at a fraction of the bandwidth,
 # so at 16,384 tokens the 0.5B reaches about an eighth of its roofline. (This profile measured the engine as it
-# was then, with attention as two matrix products; {doc}`02_split_attention` replaces them with a kernel that
+# was then, with attention as two matrix products; {doc}`03_split_attention` replaces them with a kernel that
 # reads the cache across the whole GPU, now the default on CUDA.)
 
 # %%

@@ -32,7 +32,7 @@
 #   long contexts stopped costing a 7B step more than a fifth of its time.
 #
 # **You need** the profile of {doc}`01_decode_profile`, grouped-query attention ({doc}`../ch3/03_gqa`)
-# and the static cache of the fast engine ({doc}`../ch4/05_performance`). No GPU: the kernel runs here in
+# and the static cache of the fast engine ({doc}`02_graphs`). No GPU: the kernel runs here in
 # Triton's interpreter, and the H200 measurements are committed data (about a minute).
 # ```
 
@@ -319,27 +319,7 @@ _, small_runs = figures.load(
 )
 _, large_runs = figures.load(PROFILES / "decode-merge-7B-nvidia-h200-2026-11-30.jsonl")
 merged_runs = pd.concat([small_runs, large_runs[large_runs["size"] == "7B"]])
-rows = []
-for _, run in merged_runs.iterrows():
-    matmul, split = figures.kernels(run), figures.kernels(run, "split_kernels")
-    merges = split.query("role == 'split attention: merge kernel'").dur_us
-    rows.append(
-        {
-            "size": run["size"],
-            "context": run.context,
-            "matrix products": matmul.end_us.max() / 1e3,
-            "split": split.end_us.max() / 1e3,
-            "roofline": run.roofline_ms,
-            "attention µs, matrix products": matmul.query(
-                "kind == 'attention'"
-            ).dur_us.sum(),
-            "attention µs, split + merge": split.query(
-                "kind == 'attention'"
-            ).dur_us.sum(),
-            "merge µs per layer": merges.mean(),
-        }
-    )
-steps = pd.DataFrame(rows)
+steps = figures.replay_steps(merged_runs)
 figures.by_context(steps, columns=("matrix products", "split", "roofline"))
 
 # %% tags=["hide-input"]

@@ -30,7 +30,7 @@
 # - how chunked prefill fills the same cache as one pass, checked here against the eager model;
 # - what each step bought on an H200, where the time still goes, and what chunks cost at 30,000 tokens.
 #
-# **You need** the fast engine of {doc}`../ch4/05_performance`, grouped-query attention ({doc}`../ch3/03_gqa`)
+# **You need** the fast engine of {doc}`02_graphs`, grouped-query attention ({doc}`../ch3/03_gqa`)
 # and the profile of {doc}`01_decode_profile`. No GPU: the checks run on the CPU, and the H200 measurements are
 # committed data (about a minute).
 # ```
@@ -130,7 +130,7 @@ for size in ("0.5B", "7B"):
 # $$
 #
 # a softmax over the parts' $\lambda$. It is the identity behind split attention in
-# {doc}`02_split_attention`, with the maxima and sums folded into one number per part. On CUDA both parts run
+# {doc}`03_split_attention`, with the maxima and sums folded into one number per part. On CUDA both parts run
 # in cuDNN's attention kernel (NVIDIA's library of fused deep-learning kernels), on the CPU in PyTorch's own
 # fused kernel. Three cases keep the single call: a left-padded batch, whose mask is passed as it is, and GPUs
 # older than the A100 or float32 inputs, where cuDNN's kernel does not run; there `causal_lower_right` stays.
@@ -208,11 +208,18 @@ print("and the 8 greedy tokens that follow are the eager loop's")
 #
 # On a GPU the engine compiles the work before and after attention (the norms, RoPE, SwiGLU and residual adds
 # fuse into a few kernels around the matrix products), and captures a prompt that fits in one chunk as a single
-# CUDA graph, as it does for a decode step ({doc}`../ch4/05_performance`). A graph has fixed shapes, so the
-# prompt is right-padded to the next multiple of the engine's `bucket` (256 tokens): causal attention hides the
-# padding from every real token, the padding's keys land in cache slots that decode overwrites before it can see
-# them, and the logits are read at the last real token. One graph serves every prompt length in a bucket. The
-# capture, once per padded length, through the same `capture` the decode step's graph goes through:
+# CUDA graph, as it does for a decode step ({doc}`02_graphs`). A graph has fixed shapes, so the
+# prompt is right-padded: causal attention hides the padding from every real token, the padding's keys land in
+# cache slots that decode overwrites before it can see them, and the logits are read at the last real token. The
+# padding is computed like real tokens, so it is kept under a quarter of the prompt, with four graph lengths per
+# octave. (The engine first padded to its whole 256-position cache bucket, which doubled a 128-token prompt's
+# work; {doc}`05_scorecard` shows what that cost at large batches.)
+
+# %%
+show_source(fast_engine.prefill_length)
+
+# %% [markdown]
+# The capture, once per padded length, through the same `capture` the decode step's graph goes through:
 
 # %%
 show_source(fast_engine._PrefillGraph.__init__)

@@ -29,7 +29,7 @@
 #   checked against measured speedups;
 # - why prompt lookup more than doubles an edit's speed on an H200 while the 0.5B draft slows the 1.5B down.
 #
-# **You need** {doc}`01_draft_and_verify`, and the fast engine of {doc}`../ch4/05_performance`. The measurements
+# **You need** {doc}`01_draft_and_verify`, and the fast engine of {doc}`../ch5/02_graphs`. The measurements
 # are committed data from `scripts/speculative_bench.py` (this CPU) and `scripts/gpu_speculative_bench.py` (an
 # H200); the page reads and checks them, in seconds.
 # ```

@@ -32,7 +32,7 @@
 # - a step-time model, $t(N) = t_\text{fixed} + \frac{\text{bytes}}{N\,B} + n_\text{reduce}\,a(N)$, and where it
 #   says tensor parallelism stops paying.
 #
-# **You need** {doc}`01_sharding`, and the fast engine and roofline of {doc}`../ch4/05_performance`. The
+# **You need** {doc}`01_sharding`, and the fast engine of {doc}`../ch5/02_graphs` and the roofline of {doc}`../ch4/05_performance`. The
 # measurements are committed data from `scripts/gpu_tensor_parallel.py` on the two-GPU machine; this page reads
 # and checks them in seconds.
 # ```
@@ -80,7 +80,7 @@ print(
 # In bf16 the split runs part after 8 to 42 tokens. That is bf16 rounding, not a fault: each rank sums half of
 # every product and the all-reduce adds the halves, a different order from one GPU's, and a random model's
 # next-token distribution is flat enough for the rounding to flip a near-tie. The single-GPU fast engine parts
-# from the eager model in the same way ({doc}`../ch4/05_performance`).
+# from the eager model in the same way ({doc}`../ch5/02_graphs`).
 #
 # ## What an all-reduce costs
 #
