@@ -237,3 +237,29 @@ def stamp() -> str:
 
     device = torch.cuda.get_device_name() if DEVICE.startswith("cuda") else "cpu"
     return f"device={device} dtype={str(DTYPE).removeprefix('torch.')} torch={torch.__version__} transformers={transformers.__version__}"
+
+
+def toy_checkpoint() -> Path:
+    """A toy Qwen2 written to a temporary folder: the 0.5B's widths, two layers, a vocabulary of 8,192 and random
+    weights (seed 0), for the pages that run an engine end to end on the CPU in seconds."""
+    import tempfile
+
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=8192,
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=2,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        max_position_embeddings=4096,
+        rope_theta=1e6,
+        eos_token_id=2,
+        bos_token_id=1,
+    )
+    folder = Path(tempfile.mkdtemp()) / "toy-qwen2-2-layers"
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    return folder

@@ -3,10 +3,11 @@
 For each embedded model (Qwen2.5-Coder 0.5B and 1.5B Instruct, whose float32 weights are the book's GGUF
 files dequantized), and each scheme (float32 as loaded, bf16, int8, int4 at group sizes 32, 64 and 128), one
 forward pass over the held-out text: the first 1,024 tokens of Python's own `textwrap.py`. With `--schemes` naming
-`torchao-int8` or `torchao-int4-g<G>`, the same projections are quantized by torchao, the reference library (it
-must be importable): int8 through its own `Int8WeightOnlyConfig`, int4 through the primitives its
-`Int4WeightOnlyConfig` uses (tinygemm's grid, from bfloat16 weights) and dequantized, because its int4 kernels
-need CUDA; quality depends on the grid, not on the kernel. One JSON line per
+`torchao-int8`, `torchao-int4-g<G>` or `torchao-hqq-int4-g<G>`, the same projections are quantized by torchao, the
+reference library (it must be importable): int8 through its own `Int8WeightOnlyConfig`, int4 through the
+primitives its `Int4WeightOnlyConfig` uses (tinygemm's grid, from bfloat16 weights; with `hqq`, the grid its HQQ
+option fits by half-quadratic optimization) and dequantized, because its int4 kernels need CUDA; quality depends on
+the grid, not on the kernel. One JSON line per
 (model, scheme) with the three numbers against the float32 model, the bits each projection weight takes (its
 scales and zero points included) and, for the GGUF mix, those of the file's own formats. Chapter 6 plots the
 committed lines; the page recomputes the 0.5B int4 point and checks it against them.
@@ -58,11 +59,13 @@ def torchao_variant(model, name: str, group_size: int | None):
     from torchao.quantization.quant_primitives import (
         MappingType,
         _choose_qparams_affine_tinygemm,
+        _choose_qparams_and_quantize_affine_hqq,
         _dequantize_affine_tinygemm,
         _quantize_affine_tinygemm,
     )
 
-    targets = layers_to_quantize(model, name.removeprefix("torchao-"), group_size)
+    hqq = name.startswith("torchao-hqq-")
+    targets = layers_to_quantize(model, name.rpartition("-")[2], group_size)
     if name == "torchao-int8":
         chosen = {full_name for full_name, _, _ in targets}
         quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda _, fqn: fqn in chosen)
@@ -71,6 +74,23 @@ def torchao_variant(model, name: str, group_size: int | None):
     for _, parent, attr in targets:
         weight = getattr(parent, attr).weight
         w = weight.detach().to(torch.bfloat16)
+        if hqq:
+            # The call torchao's int4 tensor makes for its HQQ option, in tinygemm's form of the grid.
+            q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(
+                w, nbits=4, group_size=group_size, axis=1, compute_dtype=w.dtype, device=w.device
+            )
+            rows = w.shape[0]
+            grid = _dequantize_affine_tinygemm(
+                q.to(torch.int32),
+                block,
+                scale.view(rows, -1),
+                zero.view(rows, -1),
+                torch.int32,
+                0,
+                15,
+            )
+            weight.data = grid.to(weight.dtype)
+            continue
         scale, zero = _choose_qparams_affine_tinygemm(
             w,
             MappingType.ASYMMETRIC,
@@ -102,7 +122,7 @@ def projection_bits(model, scheme: str) -> float | None:
     stores what minqwen's formats store: a float32 scale per row for int8, a bfloat16 scale and zero
     per group for int4."""
     if scheme.startswith("torchao-"):
-        name, _, group = scheme.removeprefix("torchao-").partition("-g")
+        name, _, group = scheme.removeprefix("torchao-").removeprefix("hqq-").partition("-g")
         layers = [
             getattr(parent, attr) for _, parent, attr in layers_to_quantize(model, "int8", None)
         ]

@@ -16,40 +16,44 @@ def waterfall(
     title: str,
     reference: str = "hf-static-compile",
 ) -> None:
-    """Decode tok/s of each variant (rows of `tok_s`, one column per model), top to bottom, on a log axis; each
-    bar is labelled with its rate and its gain over the bar above. The model's roofline is a solid line,
-    `reference` (another implementation, not a step) a dashed one."""
+    """Decode tok/s of each variant (rows of `tok_s`, one column per model), top to bottom, on a log axis, with a
+    column of labels right of the bars: each rate and its gain over the bar above. The model's roofline is a solid
+    line, `reference` (another implementation, not a step) a dashed one."""
     models = list(tok_s.columns)
     fig, axes = plt.subplots(
         1, len(models), figsize=(10.2, 0.42 * len(variants) + 1.3), sharey=True
     )
     for ax, model in zip(axes, models):
-        rates = tok_s.loc[variants, model]
+        rates, roofline = tok_s.loc[variants, model], rooflines[model]
         ax.barh(range(len(variants)), rates, color=["0.7"] * 2 + ["C3"] * (len(variants) - 2))
+        rate_x, gain_x = roofline * 2.4, roofline * 4.6
         for row, rate in enumerate(rates):
-            gain = "" if row == 0 else f"  ×{rate / rates.iloc[row - 1]:.2f}"
-            ax.text(rate, row, f" {rate:,.0f}{gain}", va="center", fontsize=8.5)
-        ax.axvline(rooflines[model], color="black", lw=1.2)
-        ax.text(rooflines[model], -0.75, " roofline", ha="left", fontsize=8.5)
+            gain = "" if row == 0 else f"×{rate / rates.iloc[row - 1]:.2f}"
+            ax.text(rate_x, row, f"{rate:,.0f}", va="center", ha="right", fontsize=8.5)
+            ax.text(gain_x, row, gain, va="center", ha="right", fontsize=8.5)
+        for x, header in ((rate_x, "tok/s"), (gain_x, "gain")):
+            ax.text(x, -0.85, header, ha="right", fontsize=8.5, color="0.35")
+        ax.axvline(roofline, color="black", lw=1.2)
+        ax.text(roofline / 1.05, len(variants) - 0.35, "roofline", ha="right", fontsize=8.5)
         if reference in tok_s.index:
             ax.axvline(tok_s.loc[reference, model], color="C1", ls="--", lw=1.2)
             ax.text(
-                tok_s.loc[reference, model],
-                len(variants) - 0.3,
+                tok_s.loc[reference, model] / 1.05,
+                -0.85,
                 reference,
-                ha="center",
+                ha="right",
                 color="C1",
                 fontsize=8.5,
             )
-        ax.set(
-            xscale="log",
-            xlim=(rates.min() / 1.6, max(rooflines[model] * 1.6, rates.max() * 2)),
-            title=model,
-            xlabel="decode tok/s",
-        )
+        low, high = rates.min() / 1.6, roofline * 5.2
+        ticks = [t for t in (10, 20, 50, 100, 200, 500, 1000, 2000, 5000) if low <= t <= roofline]
+        if len(ticks) > 4:
+            ticks = [t for t in (10, 30, 100, 300, 1000, 3000) if low <= t <= roofline]
+        ax.set(xscale="log", xlim=(low, high), ylim=(len(variants) - 0.4, -1.3), title=model)
+        ax.set_xticks(ticks, [f"{t:,}" for t in ticks])
+        ax.set_xlabel("decode tok/s")
         ax.minorticks_off()
     axes[0].set_yticks(range(len(variants)), variants)
-    axes[0].invert_yaxis()
     fig.suptitle(title)
     fig.tight_layout()
     show_figure(fig)

@@ -69,11 +69,11 @@ PREFILL_GRANULE = 32
 
 
 def prefill_length(prompt: int, capacity: int) -> int:
-    """The padded length of the captured prefill that runs a prompt of `prompt` tokens in a cache of `capacity`.
+    """The padded length of the captured prefill for `prompt` tokens in a cache of `capacity`.
 
-    A graph pads the prompt, and the padding is computed like real tokens: at a large batch, where prefill is
-    bound by arithmetic, rounding a 128-token prompt up to a whole 256-position bucket halved the 7B's prefill
-    rate (book/data/bench/NOTES.md)."""
+    A graph pads the prompt, and the padding is computed like real tokens: at a large
+    batch, where prefill is bound by arithmetic, rounding a 128-token prompt up to a whole
+    256-position bucket halved the 7B's prefill rate (book/data/bench/NOTES.md)."""
     granule = max(PREFILL_GRANULE, 1 << max(prompt.bit_length() - 3, 0))
     return min(-(-prompt // granule) * granule, capacity)
 

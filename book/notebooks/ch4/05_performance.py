@@ -17,7 +17,7 @@
 # The chapters so far built a correct generator. How fast is it, and how fast *could* it be? Two kinds of number
 # answer that: measured tokens per second ({term}`tok/s`) of several implementations side by side, and the
 # hardware's limit for the same work, the {term}`roofline`. This page sets both down, explains the gap, and
-# shows the fast path that closes most of it.
+# measures the fast path that closes most of it, which chapter 5 then builds step by step.
 #
 # ```{admonition} In this page
 # :class: tip
@@ -37,18 +37,14 @@
 # %% tags=["hide-input"]
 # %matplotlib inline
 from figures import performance as figures
-from helpers import BENCH, show_source
+from helpers import BENCH, show_source, toy_checkpoint
 
 import json
 import math
-import tempfile
-from pathlib import Path
 
 import pandas as pd
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from minqwen.engine.fast import FastQwen2
 from minqwen.model.sizes import (
     kv_cache_bytes_per_token,
     parameter_count,
@@ -172,7 +168,7 @@ show_source(bench.measure)
 # %% [markdown]
 # The four implementations: transformers' `generate()` (`hf-eager`), the same with a static cache and
 # `torch.compile` (`hf-static-compile`), minqwen's eager loop of this chapter (`minqwen-eager`), and
-# `minqwen-fast`, described below.
+# `minqwen-fast`, the engine chapter 5 builds.
 #
 # ## Decode at batch 1: the targets of this chapter
 #
@@ -304,12 +300,8 @@ prefill.map(lambda x: "" if pd.isna(x) else f"{x:,.0f}")
 # best fraction printed. The small 0.5B stays far below its bound, which assumes every FLOP runs at the rate of
 # one large square product. When these runs were made, the fast path did nothing special here: its prefill ran
 # the layer functions once per prompt, uncompiled. {doc}`../ch5/04_prefill` measures what changed since: the
-# prompt in chunks, compiled, and captured as one CUDA graph, which is the code below:
-
-# %%
-show_source(FastQwen2._prefill)
-
-# %% [markdown]
+# prompt in chunks, compiled, and captured as one CUDA graph.
+#
 # ## Peak memory
 #
 # What a cell needs at its peak: the weights, plus what grows with batch times prompt, the KV cache and the
@@ -344,8 +336,9 @@ figures.by_batch(
 #
 # ## How the fast path gets there
 #
-# `minqwen-fast` is `minqwen.engine.fast.FastQwen2`: fused projections, a static cache written in place, no host
-# sync per token, one compiled layer, and each decode step captured as one {term}`CUDA graph`. Chapter 5 builds it
+# `minqwen-fast` is `minqwen.engine.fast.FastQwen2`: fused projections (q, k and v as one matrix, gate and up as
+# another), a cache allocated once and written in place, no host sync per token (the CPU never waits to read the
+# chosen token back from the GPU), one compiled layer, and each decode step captured as one {term}`CUDA graph`. Chapter 5 builds it
 # move by move and measures what each move buys ({doc}`../ch5/02_graphs`), then takes it further. Its tokens
 # equal the eager loop's in float32; in bf16 on a GPU they part from them only at near-ties.
 #
@@ -355,23 +348,8 @@ figures.by_batch(
 # loop's own sampler. A toy Qwen2 (the 0.5B's widths, two layers, an 8,192-token vocabulary, random weights)
 # keeps this quick:
 
-# %% tags=["hide-input"]
-torch.manual_seed(0)
-toy_config = Qwen2Config(
-    vocab_size=8192,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=2,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    tie_word_embeddings=True,
-    max_position_embeddings=4096,
-    rope_theta=1e6,
-    eos_token_id=2,
-    bos_token_id=1,
-)
-toy_folder = Path(tempfile.mkdtemp()) / "toy-qwen2-2-layers"
-Qwen2ForCausalLM(toy_config).save_pretrained(toy_folder)
+# %%
+toy_folder = toy_checkpoint()
 
 # %% [markdown]
 # A bench run of the three implementations that run on a CPU, the same code the GPU runs went through. Its

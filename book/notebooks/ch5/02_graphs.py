@@ -40,16 +40,13 @@
 # %matplotlib inline
 from figures import decode_profile
 from figures import fast_engine as figures
-from helpers import BENCH, BOOK, model_path, show_source, stamp
+from helpers import BENCH, BOOK, model_path, show_source, stamp, toy_checkpoint
 
 import json
-import tempfile
-from pathlib import Path
 
 import pandas as pd
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import minqwen
 from minqwen.engine.fast import FastQwen2
@@ -165,7 +162,7 @@ print("cache of one layer:", calls[0][5], "(batch, kv heads, positions, head dim
 assert len(set(calls)) == 1 and calls[0][5][2] == fast.capacity_for(prompt.shape[1] + 6)
 
 # %% [markdown]
-# Five decode steps through 24 layers, one set of shapes: the cache holds the whole 256-position bucket from the
+# Five decode steps (the first of the six tokens comes from the prefill) through 24 layers, one set of shapes: the cache holds the whole 256-position bucket from the
 # first token on. The eager loop's cache, by contrast, grows by one position a step.
 #
 # The layer itself is the model's math on plain tensors, so that one compiled function fits every layer.
@@ -185,8 +182,9 @@ show_source(minqwen.engine.fast.decode_layer)
 show_source(minqwen.engine.fast.linear)
 
 # %% [markdown]
-# The capture runs the step twice on a side stream first, so that compilation and the kernels' choice of
-# configuration happen outside the graph, then records it:
+# The capture runs the step twice first on a side stream (a second queue of GPU work, away from the one being
+# recorded), so that compilation and the kernels' choice of configuration happen outside the graph, then records
+# it:
 
 # %%
 show_source(minqwen.engine.fast.capture)
@@ -208,8 +206,9 @@ show_source(minqwen.engine.fast.capture)
 # | `reductions` | single-row projections as compiled multiply-and-sum reductions |
 # | `split-attention` | attention by the split kernel of {doc}`03_split_attention` (today's default) |
 #
-# The dashed line is transformers' own fast path, a static cache and `torch.compile` (`hf-static-compile`), the
-# solid one the roofline:
+# Grey bars are the eager loops, red ones the fast engine's steps; each is labelled with its rate and its gain
+# over the bar above. The dashed line is transformers' own fast path, a static cache and `torch.compile`
+# (`hf-static-compile`), the solid one the roofline:
 
 # %% tags=["hide-input"]
 VARIANTS = [
@@ -251,12 +250,15 @@ table.style.format("{:,.3f}", subset=[c for c in table if "ms" in c]).format(
 #   even: it issues about as many operations from Python, and its attention reads the whole 256-position bucket.
 #   Fixed shapes are not a speed-up in themselves; they are what compilation and capture need.
 # - **Compiling** fuses the pointwise operations into few kernels (smaller $n$), two to three times faster. Called
-#   from Python, the compiled step still pays for the guards and launches of every layer's call.
-# - **The graph** removes Python from the step altogether. It is the largest single gain, and largest for the
-#   0.5B, whose kernels are the smallest: there almost the whole step was $n\tau$.
+#   from Python, the compiled step still pays, at every layer's call, for its guards (the checks that the
+#   compiled code still fits its inputs) and for launching its kernels one by one.
+# - **The graph** removes Python from the step altogether: almost nine times the compiled step's speed for the
+#   0.5B, whose kernels are the smallest and whose step was almost all $n\tau$; 1.7 times for the 7B, whose
+#   kernels have more bytes to read.
 # - **Reductions and split attention** make the 0.5B faster again and leave the 7B where it was (within the
-#   run's noise): at a 256-token context attention is a small part of the step. At long contexts split attention
-#   is the difference between 31% and 81% of the 7B's roofline ({doc}`03_split_attention`).
+#   run's noise): at a 256-token context attention is a small part of the step. At 30,000 tokens split attention
+#   takes the 7B from 31% of its roofline to between 70% and 81%, depending on how the compiler tuned the weight
+#   kernels of each build ({doc}`03_split_attention`).
 #
 # The eager step's $\tau$ follows from the count above and the measured step: all of it but the bytes, shared
 # among its kernels. For the graph, the kernel count is the profiler's, from {doc}`01_decode_profile`:
@@ -276,8 +278,9 @@ for variant, kernels in (
     )
 
 # %% [markdown]
-# About 19 µs an operation from Python, against under 3 µs a kernel inside a graph: the compiler cut the count
-# by three, and the graph made each one six to seven times cheaper. What it cannot do is make a kernel free, and the 0.5B's step is still several times its
+# About 19 µs an operation from Python, against under 3 µs a kernel inside a graph (the count of 300 is from the
+# profile of an earlier build of the same step): the compiler cut the count by a factor of three, and the graph
+# made each one six to seven times cheaper. What it cannot do is make a kernel free, and the 0.5B's step is still several times its
 # roofline. That is the subject of the rest of this chapter.
 
 # %%
@@ -294,23 +297,8 @@ assert (tok_s.loc["graphs"] > 1.5 * tok_s.loc["compiled"]).all()
 # sampled tokens for the same seed: without graphs it calls the eager loop's own sampler. A toy Qwen2 (the
 # 0.5B's widths, two layers, a vocabulary of 8,192, random weights) keeps it quick:
 
-# %% tags=["hide-input"]
-torch.manual_seed(0)
-toy_config = Qwen2Config(
-    vocab_size=8192,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_hidden_layers=2,
-    num_attention_heads=14,
-    num_key_value_heads=2,
-    tie_word_embeddings=True,
-    max_position_embeddings=4096,
-    rope_theta=1e6,
-    eos_token_id=2,
-    bos_token_id=1,
-)
-toy_folder = Path(tempfile.mkdtemp()) / "toy-qwen2-2-layers"
-Qwen2ForCausalLM(toy_config).save_pretrained(toy_folder)
+# %%
+toy_folder = toy_checkpoint()
 
 # %%
 toy = minqwen.Qwen2.from_pretrained(toy_folder)
@@ -325,7 +313,8 @@ for settings in (dict(do_sample=False), dict(do_sample=True, top_k=0, seed=0)):
 # %% [markdown]
 # On a GPU, in bf16, the compiled kernels sum in another order than the eager ones, and a flip can follow wherever
 # two tokens' logits are within rounding of each other. The committed check ran three chat prompts for 32 tokens
-# on an H100:
+# on an H100, with random weights of the real configs. For each row: how many tokens were equal before the first
+# difference, and at that step the gap between the two tokens' logits in the eager model:
 
 # %% tags=["hide-input"]
 agreement = pd.DataFrame(
@@ -334,10 +323,10 @@ agreement = pd.DataFrame(
     .read_text()
     .splitlines()
 )
-agreement["tokens that agree"] = agreement["same"].astype(str) + " / 32"
-agreement[["size", "dtype", "row", "tokens that agree", "gap", "gap_ulps"]].rename(
-    columns={"gap_ulps": "gap in bf16 steps"}
-)
+agreement["equal before the first difference"] = agreement["same"].astype(str) + " / 32"
+agreement[
+    ["size", "dtype", "row", "equal before the first difference", "gap", "gap_ulps"]
+].rename(columns={"gap": "logit gap", "gap_ulps": "gap in bf16 steps"})
 
 # %% [markdown]
 # In float32 the two paths agree on every token; in bf16 they part only where the eager model's own logits put the

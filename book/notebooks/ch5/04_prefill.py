@@ -209,21 +209,23 @@ print("and the 8 greedy tokens that follow are the eager loop's")
 # On a GPU the engine compiles the work before and after attention (the norms, RoPE, SwiGLU and residual adds
 # fuse into a few kernels around the matrix products), and captures a prompt that fits in one chunk as a single
 # CUDA graph, as it does for a decode step ({doc}`02_graphs`). A graph has fixed shapes, so the
-# prompt is right-padded: causal attention hides the padding from every real token, the padding's keys land in
-# cache slots that decode overwrites before it can see them, and the logits are read at the last real token. The
-# padding is computed like real tokens, so it is kept under a quarter of the prompt, with four graph lengths per
-# octave. (The engine first padded to its whole 256-position cache bucket, which doubled a 128-token prompt's
-# work; {doc}`05_scorecard` shows what that cost at large batches.)
+# prompt is padded on the right up to the graph's length: causal attention hides the padding from every real
+# token, the padding's keys land in cache slots that decode overwrites before it can see them, and the logits are
+# read at the last real token. (A batch whose prompts differ in length also arrives left-padded,
+# {doc}`../ch4/03_batching`, and needs a mask: each length has a graph with a mask and one without.) The right
+# padding is computed like real tokens, so from 128 tokens on it is kept under a quarter of the prompt, with four
+# graph lengths per doubling of the prompt. (The engine first padded to its whole 256-position cache bucket, which
+# doubled a 128-token prompt's work; {doc}`05_scorecard` shows what that cost at large batches.)
 
 # %%
 show_source(fast_engine.prefill_length)
 
 # %% [markdown]
-# The capture, once per padded length, through the same `capture` the decode step's graph goes through:
+# The capture, once per padded length, through the same `capture` the decode step's graph goes through
+# ({doc}`02_graphs`):
 
 # %%
 show_source(fast_engine._PrefillGraph.__init__)
-show_source(fast_engine.capture)
 
 # %% [markdown]
 # and each prompt afterwards, copied into the graph's buffers and the last real position set, then one replay:

@@ -287,7 +287,7 @@ speed.round(2)
 # %% [markdown]
 # In the run shown, int4 decoded several times as fast as float32, well ahead of int8, and close to llama.cpp
 # reading its own GGUF file in hand-written SIMD kernels. Across the runs made for this page on this 2-core machine,
-# int4 ranged from 85% to 102% of llama.cpp's speed and int8 from 60% to 70% (NOTES.md records them). Each step
+# int4 ranged from 85% to 102% of llama.cpp's speed and int8 from 60% to 72% (NOTES.md records them). Each step
 # still makes a few hundred small Python-level calls, and the embedding, norms and attention stay in floating
 # point, but a profile of the int8 step puts 82% of its time in the packed int8 matrix product: the weights' bytes
 # set the pace.
@@ -295,9 +295,9 @@ speed.round(2)
 # ### Bytes per token, and what llama.cpp reads
 #
 # How close may int8 come to llama.cpp? If both stream their weights equally fast, no closer than the ratio of the
-# bytes each reads per token. A step reads every weight but the embedding table, of which it reads one row. For
-# llama.cpp those bytes are in the GGUF file's tensor table; for minqwen, in the model's layers, final norm and
-# head:
+# bytes each reads per token. A step reads every weight but the embedding table, of which it reads one row (unless
+# the table is also the head, as in a model with tied weights; this file has a head of its own). For llama.cpp
+# those bytes are in the GGUF file's tensor table; for minqwen, in the model's layers, final norm and head:
 
 
 # %%
@@ -335,8 +335,8 @@ bytes_table.round(1)
 # %% [markdown]
 # The GGUF file mixes Q5_0, Q4_K and Q6_K in the layers with a Q8_0 head, under 7 bits per weight on average;
 # minqwen's int8 keeps 8 bits and a float32 scale per row everywhere, its head included. At equal reading rates
-# int8 can reach only the share printed above of llama.cpp's speed, so the 80% this chapter aimed for sits at that
-# bound. The speeds of the table above times these bytes give each contender's reading rate on this machine:
+# int8 can reach only the share printed above of llama.cpp's speed, so an aim of 80% of llama.cpp for int8, which
+# this chapter was planned with, lies just beyond what its bytes allow. The speeds of the table above times these bytes give each contender's reading rate on this machine:
 
 # %% tags=["nbval-ignore-output"]
 rates = speed.join(bytes_table, how="inner")
