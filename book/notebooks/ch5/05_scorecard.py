@@ -49,7 +49,6 @@ import pandas as pd
 from minqwen.engine.fast import prefill_length
 from minqwen.model.sizes import (
     kv_cache_bytes_per_token,
-    qwen25_config,
     weight_bytes_per_step,
 )
 
@@ -65,17 +64,17 @@ header, *lines = read_lines(PROFILES / "waterfall-nvidia-h200-2026-12-01.jsonl")
 waterfall = pd.DataFrame(lines)
 tok_s = waterfall.pivot(index="variant", columns="size", values="decode_tok_s")
 roofline = waterfall.groupby("size").roofline_decode_tok_s.first()
-small = decode_profile.replay_steps(
-    decode_profile.load(
-        PROFILES / "decode-merge-0.5B-1.5B-nvidia-h200-2026-11-30.jsonl"
-    )[1]
+merge_runs = pd.concat(
+    [
+        decode_profile.load(
+            PROFILES / "decode-merge-0.5B-1.5B-nvidia-h200-2026-11-30.jsonl"
+        )[1],
+        decode_profile.load(PROFILES / "decode-merge-7B-nvidia-h200-2026-11-30.jsonl")[
+            1
+        ].query("size == '7B'"),
+    ]
 )
-large = decode_profile.replay_steps(
-    decode_profile.load(PROFILES / "decode-merge-7B-nvidia-h200-2026-11-30.jsonl")[1]
-)
-contexts = pd.concat([small, large[large["size"] == "7B"]]).set_index(
-    ["size", "context"]
-)
+contexts = decode_profile.replay_steps(merge_runs).set_index(["size", "context"])
 prefill = {
     size: pd.DataFrame(
         read_lines(PROFILES / f"prefill-{size}-nvidia-h200-2026-11-30.jsonl")[1:]
@@ -274,7 +273,7 @@ prefill_table.style.format("{:,.0f}").format(
 assert (prefill_table["fast / HF, after"] > 1).all()
 
 # %% [markdown]
-# ## What stands in the way: the small models' fixed cost
+# ## What stands in the way
 #
 # The cost model of {doc}`02_graphs`, $t_\text{step} \approx W/\beta + n\tau$, turns a target into a budget.
 # To reach a fraction $\eta$ of the roofline, a step may take $W/(\beta\eta)$, so its kernels may cost at most
@@ -283,60 +282,67 @@ assert (prefill_table["fast / HF, after"] > 1).all()
 # n\,\tau \;\le\; \frac{W}{\beta}\left(\frac{1}{\eta} - 1\right).
 # $$
 #
-# With the $\tau$ that the 0.5B's graph shows today, how many kernels may a step run?
+# The profiles of {doc}`03_split_attention` hold every kernel of one step of today's engine for each size, at a
+# 256-token context. From them: the step and the time its weights need at the run's copy bandwidth, $\tau$, how
+# fast the weight kernels read, how long the kernels that read no weights take, and how many kernels the target
+# allows at today's $\tau$:
 
-# %%
-beta = header["copy_bytes_per_s"]
-_, profiled = decode_profile.load(
-    PROFILES / "decode-profile-nvidia-h200-2026-11-30.jsonl"
-)
-for size in ("0.5B", "7B"):
-    replay = profiled.query(f"size == '{size}' and context == 256").iloc[0]
-    kernels = len(replay.kernels)
-    read_ms = weight_bytes_per_step(size) / beta * 1e3
-    step_ms = 1e3 / tok_s.loc["split-attention", size]
-    tau_us = (step_ms - read_ms) / kernels * 1e3
-    layers = qwen25_config(size)["num_hidden_layers"]
-    budgets = {eta: read_ms * (1 / eta - 1) * 1e3 / tau_us for eta in (0.5, 0.7, 0.9)}
-    print(
-        f"{size}: {kernels} kernels ({kernels / layers:.1f} a layer), tau {tau_us:.1f} µs"
+# %% tags=["hide-input"]
+AIMS = {"0.5B": 0.5, "1.5B": 0.7, "7B": 0.9}
+rows = []
+for _, run in merge_runs.query("context == 256").iterrows():
+    size, kernels = run["size"], decode_profile.kernels(run, "split_kernels")
+    step_ms = kernels.end_us.max() / 1e3
+    read_ms = weight_bytes_per_step(size) / run.copy_bytes_per_s * 1e3
+    tau_us = (step_ms - read_ms) / len(kernels) * 1e3
+    weights = kernels.query("kind == 'weights'")
+    rows.append(
+        {
+            "size": size,
+            "step ms": step_ms,
+            "weights at copy rate, ms": read_ms,
+            "kernels": len(kernels),
+            "tau µs": tau_us,
+            "weight kernels' rate / copy": read_ms / (weights.dur_us.sum() / 1e3),
+            "other kernels, ms": kernels.query("kind != 'weights'").dur_us.sum() / 1e3,
+            "aim": AIMS[size],
+            "kernels the aim allows": read_ms * (1 / AIMS[size] - 1) * 1e3 / tau_us,
+        }
     )
-    for eta, n in budgets.items():
-        print(
-            f"  {eta:.0%} of the roofline allows {n:,.0f} kernels ({n / layers:.1f} a layer)"
-        )
+budget = pd.DataFrame(rows).set_index("size")
+budget.style.format("{:.2f}").format(
+    "{:.0f}", subset=["kernels", "kernels the aim allows"]
+).format("{:.0%}", subset=["aim", "weight kernels' rate / copy"])
 
 # %% [markdown]
-# At today's $\tau$, half the 0.5B's roofline allows about a third of the kernels it runs: some four a layer
-# where it now runs twelve. Fusing within the compiler's reach was tried (`book/data/bench/NOTES.md`): computing
-# each RMSNorm's statistics inside the projection after it, instead of in a kernel of their own, cut 49 kernels
-# and gained within the noise at 0.5B, while at 7B the compiler (inductor, the code generator behind
-# `torch.compile`) tuned the folded kernels worse and lost 37%. What remains is the approach of the fastest
-# small-model engines: a layer as two or three hand-written kernels, or the whole step as one *persistent* kernel
-# that stays on the GPU and works through every layer without returning to the host (Hazy Research's
-# "megakernel" runs a 1B model at batch 1 at 78% of an H100's bandwidth). That is a project of its own, and the
-# step this chapter stops short of.
+# The two small models are bound by their fixed cost. Their weight kernels read at a fraction of the copy rate
+# (a kernel that reads a few MB cannot reach full speed), and each kernel, weights or not, costs a few microseconds
+# however little it does. At today's $\tau$ the 0.5B's aim allows under a third of the kernels it runs, some
+# three a layer where it runs eleven or twelve; the 1.5B's aim allows about two-fifths. Fusing within the compiler's reach was
+# tried (`book/data/bench/NOTES.md`): computing each RMSNorm's statistics inside the projection after it, instead
+# of in a kernel of their own, cut 49 kernels and gained within the noise at 0.5B, while at 7B the compiler
+# (inductor, the code generator behind `torch.compile`) tuned the folded kernels worse and lost 37%. What remains
+# is the approach of the fastest small-model engines: a layer as two or three hand-written kernels, or the whole
+# step as one *persistent* kernel that stays on the GPU and works through every layer without returning to the
+# host (Hazy Research's "megakernel" runs a 1B model at batch 1 at 78% of an H100's bandwidth). That is a project
+# of its own, and the step this chapter stops short of.
 #
-# The 7B is bound differently: its few hundred kernels cost little beside its 14 GB of weights, and what limits it
-# is how fast the weight kernels read. Their bandwidth, from the profile of {doc}`01_decode_profile`:
+# The 7B is bound differently. In this build its weight kernels read at the copy rate, and what keeps it from 90%
+# is the rest: the kernels that read no weights and the gaps between all of them, about 0.7 ms of a 4.4 ms step,
+# where 90% allows about 0.4. In other builds the weight kernels themselves were slower: the profile of
+# {doc}`01_decode_profile` measured them at 77% of its run's copy rate, and two compilations in one process
+# differed by up to 15% (NOTES.md), because the kernels are whatever inductor's tuning finds each time. Reaching
+# 90% needs both: matrix-vector kernels that stream at the copy rate every time, written by hand with fixed,
+# tested configurations, as those of gpt-fast (PyTorch's own small reference engine) and of the megakernels are,
+# and the small kernels folded into them.
 
 # %%
-replay = profiled.query("size == '7B' and context == 256").iloc[0]
-weight_kernels = decode_profile.kernels(replay).query("kind == 'weights'")
-reading = weight_bytes_per_step("7B") / (weight_kernels.dur_us.sum() / 1e6)
-print(
-    f"7B weight kernels: {weight_kernels.dur_us.sum() / 1e3:.2f} ms for the weights, "
-    f"{reading / 1e12:.2f} TB/s, {reading / replay.copy_bytes_per_s:.0%} of that run's copy bandwidth"
+assert (budget["kernels the aim allows"] < budget.kernels).all()
+assert (
+    budget.loc["7B", "weight kernels' rate / copy"]
+    > budget.loc["0.5B", "weight kernels' rate / copy"]
 )
 
-# %% [markdown]
-# In that compilation, even with every other kernel free, the 7B could not have passed the fraction printed above;
-# other compilations' weight kernels did better (the waterfall's `graphs` bar reached 81% of its roofline), because
-# the kernels are whatever inductor's tuning finds each time (two compilations in one process differed by up to
-# 15%, `book/data/bench/NOTES.md`). Reaching 90% needs matrix-vector kernels that stream at the copy bandwidth
-# every time: written by hand with fixed, tested configurations, as those of gpt-fast (PyTorch's own small
-# reference engine) and of the megakernels are.
-#
 # ## Summary
 #
 # - Four of the chapter's targets are met: the 7B at 8,192 and 30,000 tokens of context, the 0.5B's prefill over
@@ -346,9 +352,10 @@ print(
 # - The targets missed by far are the ones a step's fixed cost sets: the 0.5B at every context and the 1.5B at
 #   256 tokens, and with them the 0.5B's ratio over transformers' compiled path. The 7B misses its short-context
 #   aim by 11 points and its prefill aim by one.
-# - A target becomes a kernel budget, $n\tau \le (W/\beta)(1/\eta - 1)$: half the 0.5B's roofline allows about
-#   four kernels a layer at today's cost per kernel, where it runs twelve.
-# - The 7B is limited by how fast its weight kernels stream, not by how many there are.
+# - A target becomes a kernel budget, $n\tau \le (W/\beta)(1/\eta - 1)$: half the 0.5B's roofline allows under
+#   a third of the kernels it runs at today's cost per kernel.
+# - The 7B needs weight kernels that stream at the copy rate in every build, and its small kernels folded into
+#   them.
 #
 # ## Exercises
 #
@@ -363,12 +370,12 @@ print(
 # ```
 
 # %%
-replay = profiled.query("size == '0.5B' and context == 256").iloc[0]
-read_ms = weight_bytes_per_step("0.5B") / beta * 1e3
+run = merge_runs.query("size == '0.5B' and context == 256").iloc[0]
+timeline = decode_profile.kernels(run, "split_kernels").sort_values("start_us")
+read_ms = weight_bytes_per_step("0.5B") / run.copy_bytes_per_s * 1e3
 for eta in (0.5, 0.65):
-    tau = read_ms * (1 / eta - 1) / len(replay.kernels) * 1e3
+    tau = read_ms * (1 / eta - 1) / len(timeline) * 1e3
     print(f"{eta:.0%} of the roofline: tau <= {tau:.2f} µs per kernel")
-timeline = decode_profile.kernels(replay).sort_values("start_us")
 gaps = timeline.start_us.iloc[1:].to_numpy() - timeline.end_us.iloc[:-1].to_numpy()
 small = timeline[timeline.kind != "weights"]
 print(f"today: {gaps.mean():.2f} µs of gap between kernels on average, and the kernels")
@@ -376,7 +383,7 @@ print(f"that read no weights run {small.dur_us.median():.1f} µs each (median)")
 
 # %% [markdown]
 # Under a microsecond per kernel for 50%, under half of one for 65%. The gaps between kernels alone use over half
-# of the first and all of the second, and the kernels that read no weight (norm statistics, RoPE, cache writes,
+# of the first and almost all of the second, and the kernels that read no weight (norm statistics, RoPE, cache writes,
 # attention at a short context) each take over a microsecond for almost no bytes. No arrangement of some 300 separate kernels gets there; the kernels must stop
 # being separate, or become far fewer.
 #
