@@ -343,6 +343,8 @@ assert (
     > budget.loc["0.5B", "weight kernels' rate / copy"]
 )
 
+
+# %% [markdown]
 # ## Summary
 #
 # - Four of the chapter's targets are met: the 7B at 8,192 and 30,000 tokens of context, the 0.5B's prefill over
