@@ -182,6 +182,9 @@ def main() -> None:
                 print(json.dumps(record), flush=True)
                 with args.out.open("a") as f:
                     f.write(json.dumps(record) + "\n")
+                # Let this variant go before the next is built: two quantized copies of the 1.5B besides the
+                # float32 model, and HQQ's float32 temporaries for its head, do not fit in 24 GB.
+                del quantized, log_q
 
 
 if __name__ == "__main__":
