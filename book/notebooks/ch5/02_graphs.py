@@ -239,9 +239,11 @@ table = pd.DataFrame(
         )
     }
 ).loc[VARIANTS + ["hf-static-compile"]]
-table.style.format("{:,.3f}", subset=[c for c in table if "ms" in c]).format(
-    "{:.0%}", subset=[c for c in table if "roofline" in c]
-).format("{:,.1f}", subset=[c for c in table if "tok/s" in c])
+table.style.set_uuid("graphs-waterfall").format(
+    "{:,.3f}", subset=[c for c in table if "ms" in c]
+).format("{:.0%}", subset=[c for c in table if "roofline" in c]).format(
+    "{:,.1f}", subset=[c for c in table if "tok/s" in c]
+)
 
 # %% [markdown]
 # Read the bars as the cost model's two terms.
