@@ -21,11 +21,15 @@ def error_by_group_size(labels: list[str], rms: list[float]) -> None:
     show_figure(fig)
 
 
+def short_names(models: pd.Series) -> pd.Series:
+    """ "Qwen2.5-Coder-0.5B-Instruct" as "0.5B", for tables and legends."""
+    return models.str.removeprefix("Qwen2.5-Coder-").str.removesuffix("-Instruct")
+
+
 def trade_off(quality: pd.DataFrame) -> None:
     """Perplexity over the float32 model's, and the KL divergence from it, against bits per projection weight."""
     fig, (cost_ax, kl_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for i, (model, rows) in enumerate(quality.groupby("model", sort=False)):
-        short = model.removeprefix("Qwen2.5-Coder-").removesuffix("-Instruct")
+    for i, (short, rows) in enumerate(quality.groupby(short_names(quality["model"]), sort=False)):
         base = rows[rows["scheme"] == "float32"].iloc[0]
         quantized = rows.dropna(subset=["bits_per_weight"]).sort_values("bits_per_weight")
         cost = 100 * (quantized["perplexity"] / base["perplexity"] - 1)

@@ -169,11 +169,7 @@ print(
 assert abs(perplexity / committed["perplexity"] - 1) < 0.01
 
 # %% tags=["hide-input"]
-table = quality.assign(
-    model=quality["model"]
-    .str.removeprefix("Qwen2.5-Coder-")
-    .str.removesuffix("-Instruct")
-)
+table = quality.assign(model=figures.short_names(quality["model"]))
 table["vs float32"] = table.groupby("model")["perplexity"].transform(
     lambda p: p / p.iloc[0] - 1
 )
@@ -219,9 +215,7 @@ reference["library"] = reference.scheme.map(
     lambda scheme: "torchao" if scheme.startswith("torchao-") else "minqwen"
 )
 reference["scheme"] = reference.scheme.str.removeprefix("torchao-")
-reference["model"] = (
-    reference["model"].str.removeprefix("Qwen2.5-Coder-").str.removesuffix("-Instruct")
-)
+reference["model"] = figures.short_names(reference["model"])
 side_by_side = reference.pivot_table(
     index=["model", "scheme"],
     columns="library",
@@ -268,9 +262,7 @@ hqq_run["grid"] = hqq_run.scheme.map(
     )
 )
 hqq_run["group"] = hqq_run.scheme.str.extract(r"g(\d+)$")[0].astype(int)
-hqq_run["model"] = (
-    hqq_run["model"].str.removeprefix("Qwen2.5-Coder-").str.removesuffix("-Instruct")
-)
+hqq_run["model"] = figures.short_names(hqq_run["model"])
 hqq_table = hqq_run.pivot_table(
     index=["model", "group"],
     columns="grid",
