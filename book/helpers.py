@@ -239,15 +239,16 @@ def stamp() -> str:
     return f"device={device} dtype={str(DTYPE).removeprefix('torch.')} torch={torch.__version__} transformers={transformers.__version__}"
 
 
-def toy_checkpoint() -> Path:
+def toy_checkpoint(**overrides) -> Path:
     """A toy Qwen2 written to a temporary folder: the 0.5B's widths, two layers, a vocabulary of 8,192 and random
-    weights (seed 0), for the pages that run an engine end to end on the CPU in seconds."""
+    weights (seed 0), for the pages that run an engine end to end on the CPU in seconds. `overrides` change the
+    config (narrower still, for code that runs in Triton's interpreter)."""
     import tempfile
 
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(
+    settings = dict(
         vocab_size=8192,
         hidden_size=896,
         intermediate_size=4864,
@@ -260,6 +261,7 @@ def toy_checkpoint() -> Path:
         eos_token_id=2,
         bos_token_id=1,
     )
+    config = Qwen2Config(**{**settings, **overrides})
     folder = Path(tempfile.mkdtemp()) / "toy-qwen2-2-layers"
     Qwen2ForCausalLM(config).save_pretrained(folder)
     return folder

@@ -35,9 +35,10 @@ from minqwen.tools.hardware import hardware_report
 
 GREEDY = dict(do_sample=False, eos_token_id=[])
 MODES = {
-    "graphs": dict(use_graphs=True, split_attention=False),
-    "split": dict(use_graphs=True, split_attention=True),
-    "eager": dict(use_graphs=False, split_attention=False),
+    "graphs": dict(use_graphs=True, split_attention=False, fused_kernels=False),
+    "split": dict(use_graphs=True, split_attention=True, fused_kernels=False),
+    "fused": dict(use_graphs=True, split_attention=True, fused_kernels=True),
+    "eager": dict(use_graphs=False, split_attention=False, fused_kernels=False),
 }
 
 

@@ -9,7 +9,9 @@ Random weights with the real configs, bf16, batch 1, prompt 128, 128 new tokens 
 - `compiled`: the same step compiled (projections as library matrix products), still called from Python;
 - `graphs`: the compiled step captured as one CUDA graph per token;
 - `reductions`: single-row projections as compiled multiply-and-sum reductions, which absorb the pointwise work;
-- `split-attention`: attention by the split kernel of minqwen.engine.decode_attention (the engine's default).
+- `split-attention`: attention by the split kernel of minqwen.engine.decode_attention;
+- `fused-kernels`: the layer as the six hand-written kernels of minqwen.engine.decode_kernels (the engine's
+  default at batch 1).
 
 `hf-static-compile` (transformers' static cache, compiled) is measured in the same run as the reference line.
 One JSON line per (size, variant) after a header with the hardware, the versions and the copy bandwidth.
@@ -58,7 +60,8 @@ FAST_VARIANTS = {
     "compiled": (CompiledWithoutGraphs, dict(split_attention=False), False),
     "graphs": (FastQwen2, dict(split_attention=False), False),
     "reductions": (FastQwen2, dict(split_attention=False), True),
-    "split-attention": (FastQwen2, dict(split_attention=True), True),
+    "split-attention": (FastQwen2, dict(split_attention=True, fused_kernels=False), True),
+    "fused-kernels": (FastQwen2, dict(split_attention=True, fused_kernels=True), True),
 }
 
 

@@ -1,7 +1,8 @@
 """Chapter 5: the script that measured the committed decode profile computes what it claims, on a CPU.
 
 `scripts/gpu_decode_profile.py` ran on an H200 to produce book/data/profile/; on a CPU it runs its eager path
-(no graphs, no profile), which is enough to check its byte count and roofline against minqwen.model.sizes.
+(no graphs, no profile), which is enough to check its byte count and roofline against minqwen.model.sizes. The
+waterfall and decode-kernel scripts run their CPU parts too.
 """
 
 from __future__ import annotations
@@ -95,3 +96,24 @@ def test_waterfall_script_measures_each_cpu_variant_against_its_roofline(tiny_ch
     for r in rows:
         assert r["decode_tok_s"] > 0 and r["dtype"] == "float32"
         assert r["roofline_decode_tok_s"] == pytest.approx(bound["decode_tok_s"])
+
+
+def test_decode_kernels_script_checks_the_kernels_greedy_tokens_on_a_cpu(tiny_checkpoint, tmp_path):
+    """scripts/gpu_decode_kernels.py (ch5/05's tiles, checks and timings) on a CPU runs its check part in Triton's
+    interpreter: the fast engine with the kernels writes the eager loop's greedy tokens in float32."""
+    out = tmp_path / "kernels.jsonl"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    arguments = ["--device", "cpu", "--sizes", str(tiny_checkpoint), "--out", str(out)]
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "gpu_decode_kernels.py"), *arguments],
+        check=True,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    header, *rows = (json.loads(line) for line in out.read_text().splitlines())
+    assert header["header"] and header["copy_bytes_per_s"] > 0
+    assert [(r["part"], r["dtype"], r["prompt"]) for r in rows] == [
+        ("check", "float32", prompt) for prompt in range(3)
+    ]
+    assert all(r["same"] == r["new_tokens"] == 32 for r in rows)

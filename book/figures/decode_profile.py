@@ -11,10 +11,13 @@ import matplotlib.pyplot as plt
 import pandas as pd
 
 # What each kernel of the fast engine's decode step does, recognised by the operations inductor names it after
-# (its numeric suffixes change between compilations, so they are not used). The first pattern a name contains
-# wins. Two roles alternate within a layer: the norm + projection kernels (q/k/v, then gate/up) and the cuBLAS
+# (its numeric suffixes change between compilations, so they are not used), or the hand-written kernels by
+# their own names (ch5/05). The first pattern a name contains wins. Two roles alternate within a layer: the norm + projection kernels (q/k/v, then gate/up) and the cuBLAS
 # products of attention (q·K, then p·V).
 ROLES = [
+    ("_qkv", "norm + q/k/v projection + RoPE + cache write", "weights"),
+    ("_gate_up", "norm + gate/up projection + SwiGLU", "weights"),
+    ("_project_add", "projection + residual", "weights"),
     ("_attend_part", "split attention: the parts", "attention"),
     ("_merge_parts", "split attention: merge kernel", "attention"),
     ("amax_exp", "split attention: merge maxima", "attention"),

@@ -1,4 +1,4 @@
-"""Figures of the static-shapes-and-graphs page (ch5/02) and of the scorecard (ch5/05): the waterfall of decode
+"""Figures of the static-shapes-and-graphs page (ch5/02) and of the scorecard (ch5/06): the waterfall of decode
 speed, one measured bar per step from the eager loop to the fast engine."""
 
 from __future__ import annotations

@@ -17,6 +17,10 @@ for the host. This engine removes that overhead, in four moves:
   layer, the head and the sampler, is captured as one CUDA graph and replayed for each new token. Prompt lengths
   are bucketed (`bucket` positions at a time), so any prompt in a bucket reuses the graph.
 
+At batch 1 on CUDA the decoder layer is not compiled but run as six hand-written kernels
+(`minqwen.engine.decode_kernels`, chapter 5), which fold the norms, RoPE, the cache writes, SwiGLU and the
+residual adds into the matrix-vector products; they are captured in the same graph.
+
 The prompt is prefilled `prefill_chunk` tokens at a time (chapter 5), so a long prompt needs one chunk's
 activations. On a GPU the work around each chunk's attention is compiled, and a prompt that fits in one chunk is
 prefilled by one CUDA graph per padded length.
@@ -38,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from minqwen.engine import decode_attention
+from minqwen.engine import decode_attention, decode_kernels
 from minqwen.engine.request import (
     GenerationRequest,
     NumericalError,
@@ -57,7 +61,7 @@ from minqwen.model.layers import rms_norm
 from minqwen.model.qwen2 import Qwen2
 from minqwen.model.rope import apply_rope, rope_cos_sin
 from minqwen.parallel.collectives import TensorParallel, all_reduce, embed, gather_last_dim
-from minqwen.quant.weight_only import fused_weight, weight_of
+from minqwen.quant.weight_only import fused_weight, is_quantized, weight_of
 
 # Reading the finished flags back is a host sync, so it happens this often, not every token.
 FINISHED_CHECK_EVERY = 16
@@ -540,7 +544,10 @@ class FastQwen2:
     the `MAX_STATES` most recently used states are kept. `use_graphs` defaults to True on CUDA and must be False
     elsewhere. `split_attention` runs decode attention as the split kernel of `minqwen.engine.decode_attention`
     instead of two matrix products and a softmax; by default it does so where the kernel runs (CUDA with Triton,
-    power-of-two heads), because on an H200 it was faster at every context chapter 5 measured. The prompt is
+    power-of-two heads), because on an H200 it was faster at every context chapter 5 measured. `fused_kernels`
+    runs a single row's decode layer as the six kernels of `minqwen.engine.decode_kernels`, split attention
+    among them; by default it does so where they run (CUDA with Triton, power-of-two heads, a model neither
+    quantized nor split over GPUs) unless split attention is turned off. The prompt is
     prefilled `prefill_chunk` tokens at a time, so a long prompt needs the activations of one chunk, not of all
     of it; on CUDA the work around each chunk's attention is compiled, and a prompt of one chunk runs as a CUDA
     graph per padded length, kept with the decode state (each graph holds about one chunk's activations: a few
@@ -557,6 +564,7 @@ class FastQwen2:
         bucket: int = 256,
         use_graphs: bool | None = None,
         split_attention: bool | None = None,
+        fused_kernels: bool | None = None,
         prefill_chunk: int = 2048,
     ):
         if not isinstance(model, Qwen2):
@@ -580,6 +588,12 @@ class FastQwen2:
                 f"CUDA graphs need the model on a CUDA device, it is on {self.device}; pass "
                 f"use_graphs=False"
             )
+        if fused_kernels and split_attention is False:
+            raise ValueError(
+                "fused_kernels runs attention as the split kernel, and split_attention=False asks for matrix "
+                "products: pass fused_kernels=False with it, or leave split_attention at its default"
+            )
+        split_turned_off = split_attention is False
         if split_attention is None:
             split_attention = decode_attention.preferred(self.device, c.head_dim)
         if split_attention and not decode_attention.available(self.device):
@@ -590,7 +604,25 @@ class FastQwen2:
             )
         if split_attention and (reason := decode_attention.unsupported(c.head_dim)):
             raise ValueError(f"split_attention: {reason}; leave split_attention at its default")
+        cannot_fuse = decode_kernels.unsupported(
+            c, is_quantized(model), model.tensor_parallel is not None
+        )
+        if fused_kernels is None:
+            fused_kernels = self.device.type == "cuda" and decode_kernels.available(self.device)
+            fused_kernels = fused_kernels and cannot_fuse is None and not split_turned_off
+        if fused_kernels and not decode_kernels.available(self.device):
+            raise ValueError(
+                f"fused_kernels needs Triton and a CUDA device (or TRITON_INTERPRET=1 on the CPU); the model is "
+                f"on {self.device}: leave fused_kernels at its default"
+            )
+        if fused_kernels and cannot_fuse:
+            raise ValueError(f"fused_kernels: {cannot_fuse}; leave fused_kernels at its default")
         self.use_graphs, self.bucket, self.prefill_chunk = use_graphs, bucket, prefill_chunk
+        # A single row's decode layer as decode_kernels' six kernels; other batches keep the compiled layer.
+        self.fused_kernels = bool(fused_kernels)
+        self._single_row_layer = functools.partial(
+            decode_kernels.decode_layer, blocks=decode_kernels.blocks_for(c)
+        )
         with torch.no_grad():
             self.layers = [fuse_layer(layer) for layer in model.layers]
         attention = model.layers[0].self_attn
@@ -747,8 +779,11 @@ class FastQwen2:
             self.rope_scale,
             self.shape.tp,
         )
+        layer = self._decode_layer
+        if self.fused_kernels and state.token.shape[0] == 1:
+            layer = self._single_row_layer
         for w, keys, values in zip(self.layers, state.keys, state.values):
-            x = self._decode_layer(x, cos, sin, visible, state.slot, keys, values, w, self.shape)
+            x = layer(x, cos, sin, visible, state.slot, keys, values, w, self.shape)
         logits = self._head(x, self.norm_weight, self.lm_head_weight, self.shape)
         self._advance(self._choose(logits, state, sampling), logits, *state.counters())
 

@@ -29,7 +29,8 @@ MATH_PAGES = {
     "notebooks/ch3/05_rmsnorm",
     "notebooks/ch4/05_performance",
     "notebooks/ch5/02_graphs",
-    "notebooks/ch5/05_scorecard",
+    "notebooks/ch5/05_fused_kernels",
+    "notebooks/ch5/06_scorecard",
 }
 # Paths of the machine that built the book, and words about how the book was commissioned.
 LEAKS = re.compile(r"(/(?:root|home|tmp|work)/|site-packages|\bT-\d{3}\b|\bthe issue\b)", re.I)

@@ -204,7 +204,7 @@ show_source(minqwen.engine.fast.capture)
 # | `compiled` | the step compiled, projections as library matrix products; still called from Python |
 # | `graphs` | the compiled step captured and replayed as one CUDA graph |
 # | `reductions` | single-row projections as compiled multiply-and-sum reductions |
-# | `split-attention` | attention by the split kernel of {doc}`03_split_attention` (today's default) |
+# | `split-attention` | attention by the split kernel of {doc}`03_split_attention` (the default above one row; {doc}`05_fused_kernels` goes further at one) |
 #
 # Grey bars are the eager loops, red ones the fast engine's steps; each is labelled with its rate and its gain
 # over the bar above. The dashed line is transformers' own fast path, a static cache and `torch.compile`

@@ -215,7 +215,7 @@ print("and the 8 greedy tokens that follow are the eager loop's")
 # {doc}`../ch4/03_batching`, and needs a mask: each length has a graph with a mask and one without.) The right
 # padding is computed like real tokens, so from 128 tokens on it is kept under a quarter of the prompt, with four
 # graph lengths per doubling of the prompt. (The engine first padded to its whole 256-position cache bucket, which
-# doubled a 128-token prompt's work; {doc}`05_scorecard` shows what that cost at large batches.)
+# doubled a 128-token prompt's work; {doc}`06_scorecard` shows what that cost at large batches.)
 
 # %%
 show_source(fast_engine.prefill_length)
