@@ -1,5 +1,6 @@
-"""Figures of the static-shapes-and-graphs page (ch5/02) and of the scorecard (ch5/06): the waterfall of decode
-speed, one measured bar per step from the eager loop to the fast engine."""
+"""Figures of the static-shapes-and-graphs page (ch5/02), the hand-written kernels page (ch5/05) and the
+scorecard (ch5/06): the waterfall of decode speed, one measured bar per step from the eager loop to the fast
+engine."""
 
 from __future__ import annotations
 
@@ -7,6 +8,18 @@ from helpers import show_figure
 
 import matplotlib.pyplot as plt
 import pandas as pd
+
+# The waterfall's steps in order, as scripts/gpu_waterfall.py names them; ch5/02 stops before the last.
+STEPS = [
+    "hf-eager",
+    "minqwen-eager",
+    "static-cache",
+    "compiled",
+    "graphs",
+    "reductions",
+    "split-attention",
+    "fused-kernels",
+]
 
 
 def waterfall(

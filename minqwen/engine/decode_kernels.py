@@ -58,10 +58,10 @@ class Blocks(NamedTuple):
     warps: int = 4
 
 
-# The fastest tile of each kernel for each (hidden, intermediate) size on an H200, each kernel replayed alone in a
-# CUDA graph over a grid of 2-32 rows, 256-1024 columns and 4 or 8 warps (scripts/gpu_decode_kernels.py,
-# book/data/bench/decode-kernels-tune-*.jsonl). Small weights want few rows per program: many programs in flight
-# hide the memory latency that dominates a 2 MB read.
+# The fastest tile of each kernel for each (hidden, intermediate) size on an H200: each kernel run over every
+# layer's weights in turn inside a CUDA graph, as a decode step reads them, over 2-32 rows and 256-1,024 columns
+# (scripts/gpu_decode_kernels.py, book/data/kernels/tune-nvidia-h200-2026-12-01.jsonl). Small weights want few
+# rows per program: many programs in flight hide the memory latency that dominates a 2 MB read.
 TUNED = {
     (896, 4864): Blocks(
         qkv=Tile(2, 512), o=Tile(2, 1024), gate_up=Tile(8, 256), down=Tile(2, 1024)

@@ -211,15 +211,7 @@ show_source(minqwen.engine.fast.capture)
 # (`hf-static-compile`), the solid one the roofline:
 
 # %% tags=["hide-input"]
-VARIANTS = [
-    "hf-eager",
-    "minqwen-eager",
-    "static-cache",
-    "compiled",
-    "graphs",
-    "reductions",
-    "split-attention",
-]
+VARIANTS = figures.STEPS[: figures.STEPS.index("split-attention") + 1]
 tok_s = waterfall.pivot(index="variant", columns="size", values="decode_tok_s")
 rooflines = waterfall.groupby("size").roofline_decode_tok_s.first()
 figures.waterfall(
