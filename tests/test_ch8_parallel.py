@@ -230,7 +230,8 @@ def test_bench_under_torchrun_measures_the_split_engines(tmp_path):
     out = tmp_path / "bench.jsonl"
     args = ["-m", "minqwen", "bench", "--tp", "2", "--models", "0.5B"]
     args += ["--impls", "minqwen-eager,minqwen-fast", "--batches", "1", "--prompts", "8"]
-    args += ["--new-tokens", "3", "--repeats", "1", "--warmup", "0", "--no-progress"]
+    # A warm-up call first: a cold first call can outlast the timed one and leave the cell unmeasured.
+    args += ["--new-tokens", "6", "--repeats", "1", "--warmup", "1", "--no-progress"]
     done = torchrun(*args, "--out", str(out))
     assert done.returncode == 0, done.stderr[-2000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
@@ -244,7 +245,7 @@ def test_bench_under_torchrun_measures_the_split_engines(tmp_path):
         as_config("0.5B"),
         1,
         8,
-        3,
+        6,
         "float32",
         2 * r["copy_bytes_per_s"],
         2 * r["matmul_flops_per_s"],
