@@ -19,36 +19,28 @@ from minqwen.model.config import ModelConfig
 from minqwen.model.sizes import kv_cache_bytes_per_token, weight_bytes_per_step
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "gpu_decode_profile.py"
+
+
+def run_script(name: str, *arguments: str, **env: str) -> list[dict]:
+    """scripts/`name` run with `arguments` (its last two `--out PATH`): the JSON lines it wrote."""
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / name), *arguments],
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        capture_output=True,
+        text=True,
+    )
+    return [json.loads(line) for line in Path(arguments[-1]).read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
 def cpu_profile(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("profile") / "profile.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--device",
-            "cpu",
-            "--sizes",
-            str(tiny_checkpoint),
-            "--contexts",
-            "24,40",
-            "--steps",
-            "4",
-            "--repeats",
-            "1",
-            "--out",
-            str(out),
-        ],
-        check=True,
-        env=env,
-        capture_output=True,
-        text=True,
+    header, *rows = run_script(
+        "gpu_decode_profile.py",
+        *["--device", "cpu", "--sizes", str(tiny_checkpoint), "--contexts", "24,40"],
+        *["--steps", "4", "--repeats", "1", "--out", str(out)],
     )
-    header, *rows = (json.loads(line) for line in out.read_text().splitlines())
     return header, rows
 
 
@@ -78,17 +70,9 @@ def test_waterfall_script_measures_each_cpu_variant_against_its_roofline(tiny_ch
     from minqwen.tools.bench import roofline
 
     out = tmp_path / "waterfall.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     arguments = ["--device", "cpu", "--sizes", str(tiny_checkpoint), "--prompt", "8"]
     arguments += ["--new-tokens", "6", "--repeats", "1", "--out", str(out)]
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_waterfall.py"), *arguments],
-        check=True,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    header, *rows = (json.loads(line) for line in out.read_text().splitlines())
+    header, *rows = run_script("gpu_waterfall.py", *arguments)
     assert header["header"] and header["copy_bytes_per_s"] > 0
     assert [r["variant"] for r in rows] == ["hf-eager", "minqwen-eager", "static-cache"]
     config = ModelConfig.from_file(tiny_checkpoint)
@@ -102,16 +86,8 @@ def test_decode_kernels_script_checks_the_kernels_greedy_tokens_on_a_cpu(tiny_ch
     """scripts/gpu_decode_kernels.py (ch5/05's tiles, checks and timings) on a CPU runs its check part in Triton's
     interpreter: the fast engine with the kernels writes the eager loop's greedy tokens in float32."""
     out = tmp_path / "kernels.jsonl"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     arguments = ["--device", "cpu", "--sizes", str(tiny_checkpoint), "--out", str(out)]
-    subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "gpu_decode_kernels.py"), *arguments],
-        check=True,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
-    header, *rows = (json.loads(line) for line in out.read_text().splitlines())
+    header, *rows = run_script("gpu_decode_kernels.py", *arguments, TRITON_INTERPRET="1")
     assert header["header"] and header["copy_bytes_per_s"] > 0
     assert [(r["part"], r["dtype"], r["prompt"]) for r in rows] == [
         ("check", "float32", prompt) for prompt in range(3)

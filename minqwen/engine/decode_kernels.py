@@ -149,9 +149,8 @@ if triton is not None:
         programs_per_head: tl.constexpr = half // PAIRS
         head = tl.program_id(0) // programs_per_head
         channel = (tl.program_id(0) % programs_per_head) * PAIRS + tl.arange(0, PAIRS)
-        first = (
-            head * HEAD_DIM + channel
-        )  # rows of the weight: channel i, and its RoPE partner i + d/2
+        # Rows of the weight: channel i of the head, and its RoPE partner i + d/2.
+        first = head * HEAD_DIM + channel
         second = first + half
         inv_rms = _inverse_rms(x_ptr, K, eps, BLOCK_K)
         acc_first = tl.zeros([PAIRS, BLOCK_K], tl.float32)
@@ -215,9 +214,8 @@ if triton is not None:
         ROWS: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        rows = tl.program_id(0) * ROWS + tl.arange(
-            0, ROWS
-        )  # gate rows; up rows are INTERMEDIATE further
+        # Gate rows; their up rows are INTERMEDIATE further down the stacked weight.
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         inv_rms = _inverse_rms(x_ptr, K, eps, BLOCK_K)
         acc_gate = tl.zeros([ROWS, BLOCK_K], tl.float32)
         acc_up = tl.zeros([ROWS, BLOCK_K], tl.float32)
